@@ -1,0 +1,148 @@
+"""The compute core: attention of each query to a band of neighbours in a sequence.
+
+LSH attention runs it on the bucket-sorted sequence, local attention on the sequence as it is. The
+sequence is cut into chunks of ``chunk_length``; the queries of chunk k see the keys of chunks
+k - before ... k + after. Inside that window, masks decide who may attend to whom:
+
+- causal: a key at a later original position than the query is hidden;
+- padding: keys marked invalid are hidden;
+- same bucket (LSH "bucket" window): only keys of the query's own bucket, and only those within
+  ``before * chunk_length`` items before (``after * chunk_length`` after) it in the sorted order;
+- wrap-around ("chunk" window, as the anchors do): the window of the first chunk continues at the last
+  chunk; without wrap-around, windows stop at the ends of the sequence;
+- self (LSH): a query may attend to itself only when it has no other target.
+
+Masks are booleans and hidden logits become -inf, so a row's softmax covers exactly its allowed keys:
+no -1e9 constants whose rounding leaks into the result. A row that would be empty (a padding query)
+falls back to its own key, which keeps every output finite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Band:
+    """Shape of the attention band.
+
+    chunk_length: items per chunk; before / after: neighbouring chunks seen on each side.
+    wrap: the window of the first chunk wraps around to the last one (the anchors' behaviour).
+    same_bucket: restrict to keys of the query's bucket within before/after * chunk_length items.
+    causal: hide keys at later original positions.
+    mask_self: a query attends to itself only when nothing else is allowed (shared query-key).
+    """
+
+    chunk_length: int
+    before: int
+    after: int
+    causal: bool
+    wrap: bool = False
+    same_bucket: bool = False
+    mask_self: bool = False
+
+    @property
+    def width(self) -> int:
+        return (self.before + 1 + self.after) * self.chunk_length
+
+
+def look_around(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """Concatenate each chunk with its neighbours, wrapping around at the ends.
+
+    x: (batch, heads, n_chunks, chunk_length, *rest)
+    -> (batch, heads, n_chunks, (before + 1 + after) * chunk_length, *rest),
+    the neighbours in the order k - before, ..., k, ..., k + after.
+    """
+    parts = [x if i == 0 else torch.roll(x, shifts=-i, dims=2) for i in range(-before, after + 1)]
+    return torch.cat(parts, dim=3)
+
+
+def band_structure_mask(band: Band, n_chunks: int, device: torch.device) -> torch.Tensor | None:
+    """Mask of the key slots a query may see from the band's shape alone, or None if all.
+
+    Returns (n_chunks, chunk_length, width) bool: without wrap-around, slots of chunks beyond the
+    sequence's ends are hidden; with ``same_bucket``, slots further than before/after * chunk_length
+    items from the query are hidden.
+    """
+    c = band.chunk_length
+    offsets = torch.arange(-band.before, band.after + 1, device=device).repeat_interleave(c)  # (width,)
+    mask = None
+    if not band.wrap:
+        key_chunk = torch.arange(n_chunks, device=device)[:, None] + offsets  # (n_chunks, width)
+        mask = ((key_chunk >= 0) & (key_chunk < n_chunks))[:, None, :].expand(n_chunks, c, band.width)
+    if band.same_bucket:
+        key_slot = offsets * c + torch.arange(c, device=device).repeat(band.before + 1 + band.after)
+        distance = key_slot[None, :] - torch.arange(c, device=device)[:, None]  # (c, width)
+        near = (distance >= -band.before * c) & (distance <= band.after * c)
+        mask = near if mask is None else mask & near
+    return mask
+
+
+def _chunk(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(B, H, N, *rest) -> (B, H, N / c, c, *rest)."""
+    return x.reshape(*x.shape[:2], x.shape[2] // c, c, *x.shape[3:])
+
+
+def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                     band: Band, buckets: torch.Tensor | None = None,
+                     key_valid: torch.Tensor | None = None, dropout: float = 0.0,
+                     training: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention of every query to its band of keys.
+
+    q, k, v: (batch, heads, n, d_head), n a multiple of ``band.chunk_length``; logits are q . k
+    (scale the keys beforehand). positions: (batch | 1, heads | 1, n) original positions of the items
+    (for the causal and self masks). buckets: (batch, heads, n) bucket ids, required for ``same_bucket``.
+    key_valid: (batch | 1, heads | 1, n) bool, False for padding.
+
+    Returns out (batch, heads, n, d_head), logsumexp of each query's allowed logits (batch, heads, n),
+    and has_other (batch, heads, n) bool: whether the query had an allowed key (other than itself when
+    ``band.mask_self``), before the fallback to its own key.
+    """
+    c = band.chunk_length
+    batch, heads, n, _ = q.shape
+    n_chunks = n // c
+    positions = positions.expand(batch, heads, n)
+
+    q_chunks = _chunk(q, c)                                   # (B, H, nc, c, d)
+    k_window = look_around(_chunk(k, c), band.before, band.after)  # (B, H, nc, W, d)
+    v_window = look_around(_chunk(v, c), band.before, band.after)
+    logits = q_chunks @ k_window.transpose(-1, -2)            # (B, H, nc, c, W)
+
+    q_pos = _chunk(positions, c)[..., :, None]                # (B, H, nc, c, 1)
+    k_pos = look_around(_chunk(positions, c), band.before, band.after)[..., None, :]  # (B, H, nc, 1, W)
+    allowed = band_structure_mask(band, n_chunks, q.device)
+    if band.causal:
+        allowed = _and(allowed, k_pos <= q_pos)
+    if key_valid is not None:
+        valid = look_around(_chunk(key_valid.expand(batch, heads, n), c), band.before, band.after)
+        allowed = _and(allowed, valid[..., None, :])
+    if band.same_bucket:
+        if buckets is None:
+            raise ValueError("banded_attention: same_bucket=True needs the buckets argument")
+        q_bucket = _chunk(buckets, c)[..., :, None]
+        k_bucket = look_around(_chunk(buckets, c), band.before, band.after)[..., None, :]
+        allowed = _and(allowed, k_bucket == q_bucket)
+
+    is_self = k_pos == q_pos
+    if allowed is None:
+        allowed = torch.ones_like(is_self)
+    else:
+        allowed = allowed.expand_as(is_self)
+    other = allowed & ~is_self if band.mask_self else allowed
+    has_other = other.any(dim=-1)
+    allowed = other | (is_self & ~has_other[..., None])
+
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    probs = torch.exp(logits - lse[..., None])
+    if dropout and training:
+        probs = F.dropout(probs, p=dropout, training=True)
+    out = probs @ v_window                                    # (B, H, nc, c, d)
+    return out.reshape(batch, heads, n, -1), lse.reshape(batch, heads, n), has_other.reshape(batch, heads, n)
+
+
+def _and(mask: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:
+    return other if mask is None else mask & other

@@ -1,0 +1,68 @@
+"""Angular locality-sensitive hashing: random rotations, bucket ids, factorised buckets.
+
+A vector x is hashed into one of n buckets by a random rotation R of shape (d, n/2):
+bucket = argmax([xR, -xR]). Vectors at a small angle fall into the same bucket with high probability.
+Several independent rotations give several hashing rounds.
+
+Rotations are drawn from a ``torch.Generator`` of our own, on the CPU (so that CPU and GPU runs hash
+alike), and never from the global RNG: hashing must not disturb dropout or data sampling, and must be
+reproducible on its own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_MIX = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: spreads consecutive integers over the seed space
+
+
+def rotation_width(n_buckets: int | tuple[int, int]) -> int:
+    """Columns of the rotation matrix: n/2 for n buckets, a/2 + b/2 for factorised buckets (a, b)."""
+    factors = n_buckets if isinstance(n_buckets, tuple) else (n_buckets,)
+    return sum(f // 2 for f in factors)
+
+
+def draw_rotations(seed: int, n_heads: int, d_head: int, n_hashes: int,
+                   n_buckets: int | tuple[int, int]) -> torch.Tensor:
+    """Random rotations (n_heads, d_head, n_hashes, rotation_width) from a private generator.
+
+    With the same seed this draws exactly what transformers draws after ``torch.manual_seed(seed)``
+    (one rotation per head, float32 on the CPU), which is what makes its checkpoints hash alike here.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    shape = (n_heads, d_head, n_hashes, rotation_width(n_buckets))
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+def training_seed(hash_seed: int, layer: int, call: int) -> int:
+    """Seed of the fresh rotations for a training call: a function of (hash_seed, layer, call) only."""
+    x = (hash_seed * _MIX + layer) % 2**64
+    x = (x * _MIX + call + 1) % 2**64
+    return x % 2**63
+
+
+def hash_vectors(vectors: torch.Tensor, rotations: torch.Tensor,
+                 n_buckets: int | tuple[int, int]) -> torch.Tensor:
+    """Bucket ids of every vector in every round.
+
+    vectors: (batch, heads, length, d_head); rotations: (heads, d_head, n_hashes, rotation_width).
+    Returns (batch, heads, n_hashes, length) int64 ids in [0, total buckets).
+    Factorised buckets (a, b): hash into a and b buckets with separate columns, bucket = i + a * j.
+    """
+    if n_buckets == 1:
+        return vectors.new_zeros((*vectors.shape[:2], rotations.shape[2], vectors.shape[2]), dtype=torch.long)
+    rotated = torch.einsum("bhld,hdrk->bhrlk", vectors.detach(), rotations.to(vectors))
+    factors = n_buckets if isinstance(n_buckets, tuple) else (n_buckets,)
+    buckets, start, scale = None, 0, 1
+    for factor in factors:
+        part = rotated[..., start:start + factor // 2]
+        ids = torch.cat([part, -part], dim=-1).argmax(dim=-1)
+        buckets = ids if buckets is None else buckets + scale * ids
+        start, scale = start + factor // 2, scale * factor
+    return buckets
+
+
+def total_buckets(n_buckets: int | tuple[int, int]) -> int:
+    return math.prod(n_buckets) if isinstance(n_buckets, tuple) else n_buckets

@@ -1,0 +1,136 @@
+"""ReformerLM: token and position embeddings -> reversible stack -> LayerNorm -> vocabulary head.
+
+The layout follows transformers' Reformer, so that its checkpoints load unchanged: the embedding x is
+duplicated into the two reversible halves (x, x), the blocks map them to (y1, y2), and the head reads
+LayerNorm(cat(y1, y2)) of width 2 * d_model. With ``causal=True`` it is a language model (the logits
+at t predict token t + 1); with ``causal=False`` the same class is a bidirectional encoder with a
+masked-LM head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ReformerConfig
+from .layers import position_embedding
+from .reversible import ReversibleStack
+
+IGNORE_INDEX = -100
+
+
+class ReformerLM(nn.Module):
+    """A Reformer language model (or masked-LM encoder when ``config.causal`` is False).
+
+    model(input_ids (batch, length) int64, attention_mask (batch, length) of 0/1 or bool, n_hashes=None)
+    -> logits (batch, length, vocab_size). Any length up to ``config.max_seq_len`` works: inputs are
+    padded internally to the chunk multiple and the padding is masked. ``n_hashes`` overrides the
+    number of hashing rounds of every LSH layer for this call.
+    """
+
+    def __init__(self, config: ReformerConfig):
+        super().__init__()
+        if not isinstance(config, ReformerConfig):
+            raise TypeError(f"config must be a ReformerConfig, got {type(config).__name__}")
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.position_embedding = position_embedding(config)
+        self.stack = ReversibleStack(config)
+        self.norm = nn.LayerNorm(2 * config.d_model, eps=config.layer_norm_eps)
+        self.head = nn.Linear(2 * config.d_model, config.vocab_size)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- input checks ---------------------------------------------------------------------------------
+    def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     n_hashes: int | None = None) -> torch.Tensor | None:
+        """Validate the inputs; return the attention mask as bool (None when there is none)."""
+        cfg = self.config
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be an integer tensor (torch.long), got {input_ids.dtype}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
+        batch, length = input_ids.shape
+        if batch == 0 or length == 0:
+            raise ValueError(f"input_ids must hold at least one token, got shape {tuple(input_ids.shape)}")
+        if length > cfg.max_seq_len:
+            raise ValueError(f"input length {length} exceeds config.max_seq_len={cfg.max_seq_len}")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= cfg.vocab_size:
+            raise ValueError(f"input_ids must lie in [0, vocab_size={cfg.vocab_size}), got values in "
+                             f"[{low}, {high}]")
+        if n_hashes is not None and (isinstance(n_hashes, bool) or not isinstance(n_hashes, int)
+                                     or n_hashes < 1):
+            raise ValueError(f"n_hashes must be a positive int or None, got {n_hashes!r}")
+        if attention_mask is None:
+            return None
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        if attention_mask.dtype != torch.bool:
+            if attention_mask.dtype.is_complex or not ((attention_mask == 0) | (attention_mask == 1)).all():
+                raise ValueError("attention_mask must hold only 0 and 1 (or be a bool tensor)")
+            attention_mask = attention_mask != 0
+        return attention_mask.to(input_ids.device)
+
+    # -- forward --------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                n_hashes: int | None = None) -> torch.Tensor:
+        key_valid = self.check_inputs(input_ids, attention_mask, n_hashes)
+        cfg = self.config
+        length = input_ids.shape[1]
+        extra = -length % cfg.pad_multiple
+        if extra:
+            # Pad once here, so every chunked layer sees a multiple of its chunk length.
+            if key_valid is None:
+                key_valid = torch.ones_like(input_ids, dtype=torch.bool)
+            input_ids = F.pad(input_ids, (0, extra))
+            key_valid = F.pad(key_valid, (0, extra), value=False)
+
+        x = F.dropout(self.token_embedding(input_ids), cfg.dropout, self.training)
+        if self.position_embedding is not None:
+            # Padding may run past max_seq_len; its positions are never read, so clamp them.
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).clamp(max=cfg.max_seq_len - 1)
+            x = x + self.position_embedding(positions)
+        y1, y2 = self.stack(x, x, key_valid, n_hashes)
+        hidden = F.dropout(self.norm(torch.cat([y1, y2], dim=-1)), cfg.dropout, self.training)
+        return self.head(hidden[:, :length])
+
+    def loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             labels: torch.Tensor | None = None, n_hashes: int | None = None) -> torch.Tensor:
+        """Mean cross-entropy.
+
+        Causal models: next-token prediction, logits at t against ``labels`` (default ``input_ids``) at
+        t + 1. Encoders: masked-LM, logits at t against ``labels`` at t, which is required; label -100
+        is ignored. Positions masked out by ``attention_mask`` never count as targets.
+        """
+        logits = self(input_ids, attention_mask, n_hashes)
+        if labels is None:
+            if not self.config.causal:
+                raise ValueError("labels are required for the masked-LM loss of a non-causal model")
+            labels = input_ids
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {tuple(labels.shape)}")
+        mask = self.check_inputs(input_ids, attention_mask)
+        if mask is not None:
+            labels = labels.masked_fill(~mask, IGNORE_INDEX)
+        if self.config.causal:
+            if input_ids.shape[1] < 2:
+                raise ValueError("next-token loss needs sequences of at least 2 tokens")
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX)

@@ -1,0 +1,35 @@
+"""Shared helpers for the tests: small configs and reference implementations."""
+
+from __future__ import annotations
+
+import torch
+
+from reformer import ReformerConfig
+from reformer.attention import merge_heads, normalize_keys, split_heads
+
+
+def tiny(**overrides) -> ReformerConfig:
+    """A small config: 2 heads x 16, chunk 8, several hashing rounds."""
+    base = dict(vocab_size=64, d_model=32, n_heads=2, d_head=16, n_layers=2, d_ff=64, n_hashes=2,
+                chunk_length=8, max_seq_len=256)
+    base.update(overrides)
+    return ReformerConfig(**base)
+
+
+def full_shared_qk_attention(layer, x: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Plain O(L^2) shared-QK attention with the weights of an LSHSelfAttention layer.
+
+    Keys are the normalised queries, a query attends to itself only when it has no other target.
+    """
+    qk = split_heads(layer.qk(x), layer.n_heads)
+    v = split_heads(layer.v(x), layer.n_heads)
+    logits = qk @ normalize_keys(qk).transpose(-1, -2)
+    length = x.shape[1]
+    allowed = torch.ones(length, length, dtype=torch.bool)
+    if causal:
+        allowed = allowed.tril()
+    is_self = torch.eye(length, dtype=torch.bool)
+    other = allowed & ~is_self
+    allowed = other | (is_self & ~other.any(-1, keepdim=True))
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+    return layer.out(merge_heads(probs @ v))

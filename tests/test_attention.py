@@ -1,0 +1,119 @@
+"""The attention layers against plain full attention, and the properties of the banded core."""
+
+import pytest
+import torch
+
+from helpers import full_shared_qk_attention, tiny
+from reformer.attention import FullSelfAttention, LocalSelfAttention, LSHSelfAttention
+from reformer.banded import Band, banded_attention
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window", ["bucket", "chunk"])
+@pytest.mark.parametrize("length", [5, 20, 32])
+def test_lsh_with_one_bucket_and_one_chunk_is_full_shared_qk_attention(causal, window, length):
+    torch.manual_seed(0)
+    cfg = tiny(n_buckets=1, chunk_length=32, n_hashes=3, causal=causal, lsh_window=window)
+    layer = LSHSelfAttention(cfg).eval()
+    x = torch.randn(2, length, cfg.d_model)
+    expected = full_shared_qk_attention(layer, x, causal)
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window", ["bucket", "chunk"])
+def test_local_attention_covering_the_sequence_is_full_attention(causal, window):
+    torch.manual_seed(0)
+    cfg = tiny(chunk_length=16, causal=causal, lsh_window=window)
+    local = LocalSelfAttention(cfg).eval()
+    full = FullSelfAttention(cfg).eval()
+    full.load_state_dict(local.state_dict())
+    x = torch.randn(2, 13, cfg.d_model)
+    torch.testing.assert_close(local(x), full(x), atol=1e-5, rtol=0)
+
+
+def test_local_attention_sees_exactly_its_band():
+    """Without wrap-around, a causal query at t sees t - (t mod c) - c ... t and nothing else."""
+    c = 4
+    band = Band(chunk_length=c, before=1, after=0, causal=True)
+    n, d = 16, 16
+    # One-hot values: the output row is the attention distribution over positions.
+    v = torch.eye(n)[None, None]
+    q = torch.zeros(1, 1, n, d)
+    out, _, _ = banded_attention(q, torch.zeros(1, 1, n, d), v, torch.arange(n)[None, None], band)
+    for t in range(n):
+        start = max(0, (t // c - 1) * c)
+        expected = torch.zeros(n)
+        expected[start:t + 1] = 1.0 / (t + 1 - start)
+        torch.testing.assert_close(out[0, 0, t], expected)
+
+
+def test_bucket_window_attends_only_to_earlier_members_of_its_bucket():
+    c, n = 4, 16
+    band = Band(chunk_length=c, before=1, after=0, causal=True, same_bucket=True, mask_self=True)
+    buckets = torch.tensor([0, 0, 1, 0, 1, 1, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0])
+    order = torch.argsort(buckets * n + torch.arange(n))
+    positions = order[None, None]
+    v = torch.eye(n)[None, None][:, :, order]
+    zeros = torch.zeros(1, 1, n, 8)
+    out, _, has_other = banded_attention(zeros, zeros, v, positions, band, buckets=buckets[order][None, None])
+    for i, t in enumerate(order.tolist()):
+        earlier = [s for s in range(t) if buckets[s] == buckets[t]][-c:]
+        expected = torch.zeros(n)
+        expected[earlier or [t]] = 1.0 / max(1, len(earlier))
+        torch.testing.assert_close(out[0, 0, i], expected)
+        assert bool(has_other[0, 0, i]) == bool(earlier)
+
+
+def test_query_with_only_itself_returns_its_value_exactly():
+    """Position 0 of a causal LSH layer has no key but itself: its output is its value.
+
+    Exactly up to float32 rounding of the output projection (the anchors are off by 0.2% here)."""
+    torch.manual_seed(0)
+    cfg = tiny(n_hashes=4, causal=True)
+    layer = LSHSelfAttention(cfg).eval()
+    x = torch.randn(1, 24, cfg.d_model) * 10
+    out = layer(x)
+    value = layer.out(layer.v(x[:, :1]))
+    torch.testing.assert_close(out[:, 0], value[:, 0], rtol=1e-6, atol=1e-6)
+
+
+def clustered_inputs(generator, n_clusters=16, per_cluster=16, d=32, noise=0.3):
+    centres = torch.randn(n_clusters, d, generator=generator)
+    x = centres.repeat_interleave(per_cluster, 0) + noise * torch.randn(n_clusters * per_cluster, d,
+                                                                        generator=generator)
+    return x[torch.randperm(len(x), generator=generator)][None]
+
+
+def test_more_hash_rounds_approximate_full_attention_better():
+    errors = {}
+    for n_hashes in (1, 2, 4, 8):
+        total = 0.0
+        for seed in range(6):
+            g = torch.Generator().manual_seed(seed)
+            cfg = tiny(n_hashes=n_hashes, n_buckets=16, chunk_length=16, causal=False, hash_seed=seed)
+            layer = LSHSelfAttention(cfg).eval()
+            with torch.no_grad():  # a sharp, well-conditioned attention: q = 4 x
+                layer.qk.weight.copy_(4 * torch.eye(32))
+                layer.v.weight.copy_(torch.eye(32))
+                layer.out.weight.copy_(torch.eye(32))
+                x = clustered_inputs(g)
+                exact = full_shared_qk_attention(layer, x, causal=False)
+                total += ((layer(x) - exact).norm() / exact.norm()).item()
+        errors[n_hashes] = total / 6
+    print("relative error by n_hashes:", errors)
+    assert errors[1] > errors[2] > errors[4] > errors[8]
+    assert errors[8] < 0.5 * errors[1]
+
+
+@pytest.mark.parametrize("kind", [LSHSelfAttention, LocalSelfAttention, FullSelfAttention])
+@pytest.mark.parametrize("causal", [True, False])
+def test_layers_ignore_padding_keys(kind, causal):
+    torch.manual_seed(0)
+    layer = kind(tiny(causal=causal)).eval()
+    x = torch.randn(1, 11, 32)
+    padded = torch.cat([x, torch.randn(1, 6, 32)], dim=1)
+    valid = torch.zeros(1, 17, dtype=torch.bool)
+    valid[:, :11] = True
+    torch.testing.assert_close(layer(padded, valid)[:, :11], layer(x), atol=1e-5, rtol=0)
+    assert layer(padded, valid).isfinite().all()

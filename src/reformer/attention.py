@@ -98,19 +98,24 @@ def unsort(order: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.gather(2, undo) if t.dim() == 3 else gather_items(t, undo) for t in tensors]
 
 
-def combine_rounds(out: torch.Tensor, lse: torch.Tensor, has_other: torch.Tensor) -> torch.Tensor:
+def combine_rounds(out: torch.Tensor, lse: torch.Tensor, has_other: torch.Tensor,
+                   anchor: bool = False) -> torch.Tensor:
     """Combine hashing rounds, each weighted by the softmax of its normaliser.
 
     out: (batch, heads, rounds, length, d); lse, has_other: (batch, heads, rounds, length).
     A round in which a query saw only itself carries no weight when another round saw other keys
     (the anchors get there with a -1e5 logit, up to rounding); when every round saw only the query
     itself, all rounds return its value exactly.
+    ``anchor=True`` weighs as transformers does, exp(lse - logsumexp(lse)): next to its -1e5 self
+    logits that rounding scales such rows by 0.998 (the 0.2% defect), reproduced for parity only.
     """
     if out.shape[2] == 1:
         return out[:, :, 0]
-    any_other = has_other.any(dim=2, keepdim=True)
-    score = lse.masked_fill(any_other & ~has_other, float("-inf"))
-    weights = torch.softmax(score, dim=2)
+    if anchor:
+        weights = torch.exp(lse - torch.logsumexp(lse, dim=2, keepdim=True))
+    else:
+        any_other = has_other.any(dim=2, keepdim=True)
+        weights = torch.softmax(lse.masked_fill(any_other & ~has_other, float("-inf")), dim=2)
     return (out * weights[..., None]).sum(dim=2)
 
 
@@ -130,7 +135,7 @@ class LSHSelfAttention(nn.Module):
         bucket_window = config.lsh_window == "bucket"
         self.band = Band(config.chunk_length, config.n_chunks_before, config.n_chunks_after,
                          causal=config.causal, wrap=not bucket_window, same_bucket=bucket_window,
-                         mask_self=True)
+                         mask_self=True, anchor_masks=not bucket_window)
         inner = config.n_heads * config.d_head
         self.qk = nn.Linear(config.d_model, inner, bias=False)
         self.v = nn.Linear(config.d_model, inner, bias=False)
@@ -156,6 +161,12 @@ class LSHSelfAttention(nn.Module):
         qk = split_heads(self.qk(x), self.n_heads)            # (B, H, L, d)
         v = split_heads(self.v(x), self.n_heads)
 
+        if self.band.anchor_masks and x.shape[1] <= self.band.chunk_length:
+            # transformers skips hashing when the sequence fits in one chunk: one round of full
+            # attention. (Hashing would find the same keys, but its rounds round differently.)
+            out = self._attend_unsorted(qk, v, key_valid)
+            return self.out(merge_heads(out))[:, :length]
+
         buckets = hash_with_padding(qk, self.rotations(n_hashes), self.n_buckets, key_valid)
         order, positions, sorted_buckets = sort_by_bucket(buckets)
         valid = None if key_valid is None else key_valid[:, None, :].expand(-1, self.n_heads, -1) \
@@ -168,8 +179,18 @@ class LSHSelfAttention(nn.Module):
 
         rounds_shape = (x.shape[0], self.n_heads, n_hashes, x.shape[1])
         out = combine_rounds(out.reshape(*rounds_shape, -1), lse.reshape(rounds_shape),
-                             has_other.reshape(rounds_shape))
+                             has_other.reshape(rounds_shape), anchor=self.band.anchor_masks)
         return self.out(merge_heads(out))[:, :length]
+
+    def _attend_unsorted(self, qk: torch.Tensor, v: torch.Tensor,
+                         key_valid: torch.Tensor | None) -> torch.Tensor:
+        """Shared-QK attention over a sequence of one chunk, as transformers does it. -> (B, H, L, d)."""
+        band = Band(qk.shape[2], 0, 0, causal=self.band.causal, wrap=True, mask_self=True, anchor_masks=True)
+        positions = torch.arange(qk.shape[2], device=qk.device)[None, None, :]
+        valid = None if key_valid is None else key_valid[:, None, :]
+        out, _, _ = banded_attention(qk, normalize_keys(qk), v, positions, band, key_valid=valid,
+                                     dropout=self.dropout, training=self.training)
+        return out
 
 
 class LocalSelfAttention(nn.Module):
@@ -185,7 +206,7 @@ class LocalSelfAttention(nn.Module):
         # The anchors' local layers wrap around like their LSH chunks; ours stop at the sequence ends.
         self.band = Band(config.local_chunk_length, config.local_n_chunks_before,
                          config.local_n_chunks_after, causal=config.causal,
-                         wrap=config.lsh_window == "chunk")
+                         wrap=config.lsh_window == "chunk", anchor_masks=config.lsh_window == "chunk")
         inner = config.n_heads * config.d_head
         self.q = nn.Linear(config.d_model, inner, bias=False)
         self.k = nn.Linear(config.d_model, inner, bias=False)

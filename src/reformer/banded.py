@@ -15,6 +15,11 @@ k - before ... k + after. Inside that window, masks decide who may attend to who
 Masks are booleans and hidden logits become -inf, so a row's softmax covers exactly its allowed keys:
 no -1e9 constants whose rounding leaks into the result. A row that would be empty (a padding query)
 falls back to its own key, which keeps every output finite.
+
+``Band.anchor_masks`` instead reproduces transformers bit for bit: hidden logits are replaced by -1e9
+and every self logit by -1e5 (-1e4 and -1e3 in float16). Where a row's only keys are copies of itself
+(wrap-around duplicates), the rounding of log(copies) next to -1e5 then costs up to 0.4% of the output:
+the anchors' defect, kept only for checkpoint parity.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class Band:
     same_bucket: restrict to keys of the query's bucket within before/after * chunk_length items.
     causal: hide keys at later original positions.
     mask_self: a query attends to itself only when nothing else is allowed (shared query-key).
+    anchor_masks: replace hidden and self logits by transformers' constants instead of masking exactly.
     """
 
     chunk_length: int
@@ -43,6 +49,7 @@ class Band:
     wrap: bool = False
     same_bucket: bool = False
     mask_self: bool = False
+    anchor_masks: bool = False
 
     @property
     def width(self) -> int:
@@ -127,15 +134,19 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
         allowed = _and(allowed, k_bucket == q_bucket)
 
     is_self = k_pos == q_pos
-    if allowed is None:
-        allowed = torch.ones_like(is_self)
+    allowed = torch.ones_like(is_self) if allowed is None else allowed.expand_as(is_self)
+    if band.anchor_masks:
+        hidden, self_value = (-1e4, -1e3) if logits.dtype == torch.float16 else (-1e9, -1e5)
+        logits = logits.masked_fill(~allowed, hidden)
+        if band.mask_self:
+            logits = logits.masked_fill(is_self, self_value)
+        # The constants already weigh the rounds as transformers does: no round is set aside.
+        has_other = torch.ones(is_self.shape[:-1], dtype=torch.bool, device=q.device)
     else:
-        allowed = allowed.expand_as(is_self)
-    other = allowed & ~is_self if band.mask_self else allowed
-    has_other = other.any(dim=-1)
-    allowed = other | (is_self & ~has_other[..., None])
-
-    logits = logits.masked_fill(~allowed, float("-inf"))
+        other = allowed & ~is_self if band.mask_self else allowed
+        has_other = other.any(dim=-1)
+        allowed = other | (is_self & ~has_other[..., None])
+        logits = logits.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)
     probs = torch.exp(logits - lse[..., None])
     if dropout and training:

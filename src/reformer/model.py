@@ -47,6 +47,21 @@ class ReformerLM(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    @classmethod
+    def from_hf(cls, source) -> "ReformerLM":
+        """Load a transformers Reformer: a ``save_pretrained`` folder or an in-memory model.
+
+        Accepts ReformerModelWithLMHead (causal) and ReformerForMaskedLM (encoder) checkpoints. The result
+        uses ``lsh_window="chunk"`` and reproduces transformers' logits (see interop/hf.py).
+        """
+        from .interop.hf import load_hf
+        return load_hf(source)
+
+    def save_hf(self, folder) -> None:
+        """Write a folder that transformers' ``from_pretrained`` loads with the same logits."""
+        from .interop.hf import save_hf
+        save_hf(self, folder)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from .banded import Band, banded_attention
 from .config import ReformerConfig
-from .hashing import draw_rotations, hash_vectors, total_buckets, training_seed
+from .hashing import draw_rotations, hash_vectors, total_buckets, derive_seed
 
 
 def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -147,7 +147,7 @@ class LSHSelfAttention(nn.Module):
     def rotations(self, n_hashes: int) -> torch.Tensor:
         """Rotations (heads, d_head, n_hashes, width): fixed in eval, fresh per call in training."""
         if self.training:
-            seed = training_seed(self.hash_seed, self.layer_idx, self.hash_calls)
+            seed = derive_seed(self.hash_seed, self.layer_idx, self.hash_calls)
             self.hash_calls += 1
         else:
             seed = self.hash_seed

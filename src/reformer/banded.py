@@ -93,6 +93,122 @@ def _chunk(x: torch.Tensor, c: int) -> torch.Tensor:
     return x.reshape(*x.shape[:2], x.shape[2] // c, c, *x.shape[3:])
 
 
+def fold_around(window: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """The adjoint of ``look_around``: add each chunk's window slots back onto the chunks they came from.
+
+    window: (batch, heads, n_chunks, (before + 1 + after) * c, *rest) -> (batch, heads, n_chunks, c, *rest).
+    """
+    parts = window.chunk(before + 1 + after, dim=3)
+    total = None
+    for i, part in zip(range(-before, after + 1), parts):
+        part = part if i == 0 else torch.roll(part, shifts=i, dims=2)
+        total = part if total is None else total + part
+    return total
+
+
+def band_mask(band: Band, positions: torch.Tensor, buckets: torch.Tensor | None,
+              key_valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Who may attend to whom, chunk by chunk.
+
+    positions, buckets, key_valid: (batch, heads, n) (key_valid may be None, buckets None unless
+    ``band.same_bucket``). Returns ``allowed`` (B, H, nc, c, W) bool before the self fallback,
+    ``is_self`` of the same shape, and ``has_other`` (B, H, nc, c): whether a query has an allowed key
+    other than itself (any allowed key when not ``band.mask_self``).
+    """
+    c = band.chunk_length
+    n_chunks = positions.shape[2] // c
+    q_pos = _chunk(positions, c)[..., :, None]                                   # (B, H, nc, c, 1)
+    k_pos = look_around(_chunk(positions, c), band.before, band.after)[..., None, :]  # (B, H, nc, 1, W)
+    is_self = k_pos == q_pos
+    allowed = band_structure_mask(band, n_chunks, positions.device)
+    if band.causal:
+        allowed = _and(allowed, k_pos <= q_pos)
+    if key_valid is not None:
+        valid = look_around(_chunk(key_valid, c), band.before, band.after)
+        allowed = _and(allowed, valid[..., None, :])
+    if band.same_bucket:
+        if buckets is None:
+            raise ValueError("banded_attention: same_bucket=True needs the buckets argument")
+        q_bucket = _chunk(buckets, c)[..., :, None]
+        k_bucket = look_around(_chunk(buckets, c), band.before, band.after)[..., None, :]
+        allowed = _and(allowed, k_bucket == q_bucket)
+    allowed = torch.ones_like(is_self) if allowed is None else allowed.expand_as(is_self)
+    other = allowed & ~is_self if band.mask_self else allowed
+    return allowed, is_self, other.any(dim=-1)
+
+
+def _probabilities(band: Band, logits: torch.Tensor, allowed: torch.Tensor, is_self: torch.Tensor,
+                   has_other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention probabilities (B, H, nc, c, W) and their normaliser, the logsumexp (B, H, nc, c)."""
+    if band.anchor_masks:
+        hidden, self_value = (-1e4, -1e3) if logits.dtype == torch.float16 else (-1e9, -1e5)
+        logits = logits.masked_fill(~allowed, hidden)
+        if band.mask_self:
+            logits = logits.masked_fill(is_self, self_value)
+        lse = torch.logsumexp(logits, dim=-1)   # transformers' formulas, for bit-identical logits
+        return torch.exp(logits - lse[..., None]), lse
+    if band.mask_self:
+        allowed = (allowed & ~is_self) | (is_self & ~has_other[..., None])
+    else:
+        allowed = allowed | (is_self & ~has_other[..., None])
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    # softmax is several times faster than exp on masked rows (torch.exp takes a slow path for -inf
+    # and for underflowing arguments). The normaliser follows from the largest probability:
+    # p_max = exp(x_max - lse), and p_max >= 1 / width keeps the logarithm accurate.
+    probs = torch.softmax(logits, dim=-1)
+    return probs, logits.amax(dim=-1) - torch.log(probs.amax(dim=-1))
+
+
+class _BandedAttention(torch.autograd.Function):
+    """Banded attention that stores q, k, v, the output and the normaliser, never the (n x W) scores.
+
+    Backward recomputes the scores and probabilities chunk-wise, as flash attention does: memory stays
+    O(n * d) per layer instead of O(n * W).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, positions, buckets, key_valid, band, dropout):
+        c = band.chunk_length
+        q_chunks = _chunk(q, c)
+        k_window = look_around(_chunk(k, c), band.before, band.after)
+        v_window = look_around(_chunk(v, c), band.before, band.after)
+        allowed, is_self, has_other = band_mask(band, positions, buckets, key_valid)
+        probs, lse = _probabilities(band, q_chunks @ k_window.transpose(-1, -2), allowed, is_self, has_other)
+        keep = None
+        if dropout:
+            keep = torch.rand_like(probs) >= dropout
+            probs = probs * keep / (1 - dropout)
+        out = probs @ v_window                                          # (B, H, nc, c, d)
+        ctx.save_for_backward(q, k, v, positions, buckets, key_valid, out, lse, keep)
+        ctx.band, ctx.dropout = band, dropout
+        return out.flatten(2, 3), lse.flatten(2), has_other.flatten(2)
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse, _):
+        q, k, v, positions, buckets, key_valid, out, lse, keep = ctx.saved_tensors
+        band = ctx.band
+        c = band.chunk_length
+        q_chunks = _chunk(q, c)
+        k_window = look_around(_chunk(k, c), band.before, band.after)
+        v_window = look_around(_chunk(v, c), band.before, band.after)
+        allowed, is_self, has_other = band_mask(band, positions, buckets, key_valid)
+        probs, _ = _probabilities(band, q_chunks @ k_window.transpose(-1, -2), allowed, is_self, has_other)
+        d_out = _chunk(d_out, c)
+        d_probs = d_out @ v_window.transpose(-1, -2)                    # (B, H, nc, c, W)
+        dropped = probs if keep is None else probs * keep / (1 - ctx.dropout)
+        d_v = fold_around(dropped.transpose(-1, -2) @ d_out, band.before, band.after)
+        if keep is not None:
+            d_probs = d_probs * keep / (1 - ctx.dropout)
+        # d logits = P * (dP - sum(P * dP)) + P * d_lse, with sum(P * dP) = sum(d_out * out)
+        row = (d_out * out).sum(dim=-1, keepdim=True) - _chunk(d_lse, c)[..., None]
+        d_logits = probs * (d_probs - row)
+        if band.anchor_masks:   # replaced logits are constants: no gradient flows through them
+            d_logits = d_logits.masked_fill(~allowed | is_self if band.mask_self else ~allowed, 0.0)
+        d_q = d_logits @ k_window
+        d_k = fold_around(d_logits.transpose(-1, -2) @ q_chunks, band.before, band.after)
+        return (d_q.flatten(2, 3), d_k.flatten(2, 3), d_v.flatten(2, 3), None, None, None, None, None)
+
+
 def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                      band: Band, buckets: torch.Tensor | None = None,
                      key_valid: torch.Tensor | None = None, dropout: float = 0.0,
@@ -108,51 +224,12 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
     and has_other (batch, heads, n) bool: whether the query had an allowed key (other than itself when
     ``band.mask_self``), before the fallback to its own key.
     """
-    c = band.chunk_length
     batch, heads, n, _ = q.shape
-    n_chunks = n // c
     positions = positions.expand(batch, heads, n)
-
-    q_chunks = _chunk(q, c)                                   # (B, H, nc, c, d)
-    k_window = look_around(_chunk(k, c), band.before, band.after)  # (B, H, nc, W, d)
-    v_window = look_around(_chunk(v, c), band.before, band.after)
-    logits = q_chunks @ k_window.transpose(-1, -2)            # (B, H, nc, c, W)
-
-    q_pos = _chunk(positions, c)[..., :, None]                # (B, H, nc, c, 1)
-    k_pos = look_around(_chunk(positions, c), band.before, band.after)[..., None, :]  # (B, H, nc, 1, W)
-    allowed = band_structure_mask(band, n_chunks, q.device)
-    if band.causal:
-        allowed = _and(allowed, k_pos <= q_pos)
     if key_valid is not None:
-        valid = look_around(_chunk(key_valid.expand(batch, heads, n), c), band.before, band.after)
-        allowed = _and(allowed, valid[..., None, :])
-    if band.same_bucket:
-        if buckets is None:
-            raise ValueError("banded_attention: same_bucket=True needs the buckets argument")
-        q_bucket = _chunk(buckets, c)[..., :, None]
-        k_bucket = look_around(_chunk(buckets, c), band.before, band.after)[..., None, :]
-        allowed = _and(allowed, k_bucket == q_bucket)
-
-    is_self = k_pos == q_pos
-    allowed = torch.ones_like(is_self) if allowed is None else allowed.expand_as(is_self)
-    if band.anchor_masks:
-        hidden, self_value = (-1e4, -1e3) if logits.dtype == torch.float16 else (-1e9, -1e5)
-        logits = logits.masked_fill(~allowed, hidden)
-        if band.mask_self:
-            logits = logits.masked_fill(is_self, self_value)
-        # The constants already weigh the rounds as transformers does: no round is set aside.
-        has_other = torch.ones(is_self.shape[:-1], dtype=torch.bool, device=q.device)
-    else:
-        other = allowed & ~is_self if band.mask_self else allowed
-        has_other = other.any(dim=-1)
-        allowed = other | (is_self & ~has_other[..., None])
-        logits = logits.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)
-    probs = torch.exp(logits - lse[..., None])
-    if dropout and training:
-        probs = F.dropout(probs, p=dropout, training=True)
-    out = probs @ v_window                                    # (B, H, nc, c, d)
-    return out.reshape(batch, heads, n, -1), lse.reshape(batch, heads, n), has_other.reshape(batch, heads, n)
+        key_valid = key_valid.expand(batch, heads, n)
+    return _BandedAttention.apply(q, k, v, positions, buckets, key_valid, band,
+                                  dropout if training else 0.0)
 
 
 def _and(mask: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:

@@ -242,7 +242,7 @@ class ReformerConfig:
         """A named configuration; keyword arguments override its fields.
 
         "tiny": a 2-layer byte model for tests and smoke runs.
-        "small": the default of ``reformer train``: 4 layers, d_model 128, 1K context; trains on 2 cores.
+        "small": the default of ``reformer train``: 4 layers (local, LSH), d_model 128, chunk 32, 1K context.
         "enwik8": the paper's 12-layer 64K-token byte model, in the layout of google/reformer-enwik8
             (local and LSH layers, 4 hash rounds, d_model 1024, 8 heads x 128, d_ff 4096).
         "duplication": the paper's copy task model: 1 layer, d_model 256, 4 heads, length 1024.
@@ -251,7 +251,7 @@ class ReformerConfig:
             "tiny": dict(vocab_size=256, d_model=32, n_heads=2, d_head=16, n_layers=2, d_ff=64,
                          n_hashes=2, chunk_length=8, max_seq_len=256),
             "small": dict(vocab_size=256, d_model=128, n_heads=4, d_head=32, n_layers=4, d_ff=512,
-                          attn_layers=("local", "lsh", "local", "lsh"), n_hashes=2, chunk_length=64,
+                          attn_layers=("local", "lsh", "local", "lsh"), n_hashes=2, chunk_length=32,
                           max_seq_len=1024),
             "enwik8": dict(vocab_size=258, d_model=1024, n_heads=8, d_head=128, n_layers=12, d_ff=4096,
                            attn_layers=("local", "local", "lsh", "local") * 3, n_hashes=4,

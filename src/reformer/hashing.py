@@ -36,10 +36,14 @@ def draw_rotations(seed: int, n_heads: int, d_head: int, n_hashes: int,
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
-def training_seed(hash_seed: int, layer: int, call: int) -> int:
-    """Seed of the fresh rotations for a training call: a function of (hash_seed, layer, call) only."""
-    x = (hash_seed * _MIX + layer) % 2**64
-    x = (x * _MIX + call + 1) % 2**64
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed that is a fixed function of the integers given (and differs when any differs).
+
+    Seeds of training-time rotations are derive_seed(hash_seed, layer, call).
+    """
+    x = 0
+    for part in parts:
+        x = (x * _MIX + part + 1) % 2**64
     return x % 2**63
 
 

@@ -115,14 +115,22 @@ class ReformerLM(nn.Module):
             input_ids = F.pad(input_ids, (0, extra))
             key_valid = F.pad(key_valid, (0, extra), value=False)
 
-        x = F.dropout(self.token_embedding(input_ids), cfg.dropout, self.training)
+        x = self.embed(input_ids, torch.arange(input_ids.shape[1], device=input_ids.device))
+        y1, y2 = self.stack(x, x, key_valid, n_hashes)
+        return self.logits(y1[:, :length], y2[:, :length])
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Token plus position embeddings: (batch, length) ids at (length,) positions -> (batch, length, d)."""
+        x = F.dropout(self.token_embedding(input_ids), self.config.dropout, self.training)
         if self.position_embedding is not None:
             # Padding may run past max_seq_len; its positions are never read, so clamp them.
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device).clamp(max=cfg.max_seq_len - 1)
-            x = x + self.position_embedding(positions)
-        y1, y2 = self.stack(x, x, key_valid, n_hashes)
-        hidden = F.dropout(self.norm(torch.cat([y1, y2], dim=-1)), cfg.dropout, self.training)
-        return self.head(hidden[:, :length])
+            x = x + self.position_embedding(positions.clamp(max=self.config.max_seq_len - 1))
+        return x
+
+    def logits(self, y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits from the two halves of the last block: (batch, length, vocab_size)."""
+        hidden = F.dropout(self.norm(torch.cat([y1, y2], dim=-1)), self.config.dropout, self.training)
+        return self.head(hidden)
 
     def loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              labels: torch.Tensor | None = None, n_hashes: int | None = None) -> torch.Tensor:

@@ -1,0 +1,240 @@
+"""The ``reformer`` command: train, eval, generate, convert.
+
+Bad arguments (a missing file, an empty corpus, a length over max_seq_len, an unknown optimiser, a
+folder that is not a run) end with exit status 2 and one line saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from .checkpoint import CheckpointError, is_run_dir
+from .config import ATTENTION_KINDS, LSH_WINDOWS, ReformerConfig
+from .data import DataError
+from .train import OPTIMIZERS, SCHEDULES, TrainConfig
+
+DEFAULT_RUN_DIR = "runs/default"
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for: reported in one line, exit status 2."""
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a byte-level Reformer LM (default: small model on stdlib)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Train a byte-level Reformer language model. With no arguments: the "
+                       "'small' preset on the Python standard library's source, a few minutes on 2 cores. "
+                       "Under torchrun (torchrun --nproc_per_node N -m reformer train ...) it trains with "
+                       "DistributedDataParallel; --batch-size is the global batch.")
+    d = TrainConfig()
+    p.add_argument("--data", default=d.data, help="'stdlib', a file, a folder, or enwik8.zip")
+    p.add_argument("--glob", default=d.glob, help="files of a --data folder to use (recursive pattern)")
+    p.add_argument("--run-dir", default=None, help=f"output folder (default {DEFAULT_RUN_DIR})")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --run-dir")
+    p.add_argument("--preset", default="small", help="model preset: tiny, small, enwik8, duplication")
+    p.add_argument("--steps", type=int, default=None, help=f"optimiser steps (default {d.steps})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step (global)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="bytes per training sequence")
+    p.add_argument("--accum", type=int, default=d.accum, help="micro-batches per step (gradient accumulation)")
+    p.add_argument("--optimizer", default=d.optimizer, help=f"one of {', '.join(OPTIMIZERS)}")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
+    p.add_argument("--momentum", type=float, default=d.momentum, help="momentum of sgd and rmsprop")
+    p.add_argument("--schedule", default=d.schedule, help=f"after warmup: {', '.join(SCHEDULES)}")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps")
+    p.add_argument("--clip", type=float, default=d.clip, help="gradient norm clip (0 = off)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between validations")
+    p.add_argument("--eval-batches", type=int, default=d.eval_batches, help="batches per validation")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of weights, data order and dropout")
+    p.add_argument("--attn", help=f"attention of every layer ({', '.join(ATTENTION_KINDS)}) or a "
+                   "comma-separated list, one per layer")
+    p.add_argument("--n-layers", type=int, help="number of layers")
+    p.add_argument("--d-model", type=int, help="model width")
+    p.add_argument("--n-hashes", type=int, help="LSH hashing rounds")
+    p.add_argument("--chunk-length", type=int, help="LSH chunk length")
+    p.add_argument("--lsh-window", help=f"one of {', '.join(LSH_WINDOWS)}")
+    p.add_argument("--no-reversible", action="store_true", help="plain residual layers (more memory)")
+    p.add_argument("--dropout", type=float, help="dropout probability")
+    p.add_argument("--max-seq-len", type=int, help="longest sequence the model accepts")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _model_config(args) -> ReformerConfig:
+    overrides = {}
+    if args.attn:
+        layers = args.attn.split(",")
+        overrides["attn_layers"] = layers[0] if len(layers) == 1 else tuple(layers)
+        if len(layers) > 1 and args.n_layers is None:
+            overrides["n_layers"] = len(layers)
+    for name in ("n_layers", "d_model", "n_hashes", "chunk_length", "lsh_window", "dropout", "max_seq_len"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    if args.no_reversible:
+        overrides["reversible"] = False
+    if "max_seq_len" not in overrides and args.seq_len > ReformerConfig.preset(args.preset).max_seq_len:
+        raise UsageError(f"--seq-len {args.seq_len} exceeds the model's max_seq_len "
+                         f"({ReformerConfig.preset(args.preset).max_seq_len}); raise --max-seq-len")
+    return ReformerConfig.preset(args.preset, **overrides)
+
+
+def cmd_train(args) -> int:
+    from .train import train
+
+    if args.resume:
+        if not is_run_dir(Path(args.resume)):
+            raise UsageError(f"{args.resume} is not a run folder (no config.json in it)")
+        records = train(args.resume, resume=True, progress=not args.quiet, steps=args.steps)
+        run_dir = Path(args.resume)
+    else:
+        run_dir = Path(args.run_dir or DEFAULT_RUN_DIR)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            if not args.overwrite:
+                raise UsageError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue it, "
+                                 "--overwrite to replace it, or another --run-dir")
+            shutil.rmtree(run_dir)
+        try:
+            model_config = _model_config(args)
+            train_config = TrainConfig(
+                data=args.data, glob=args.glob, steps=args.steps if args.steps is not None else TrainConfig.steps,
+                batch_size=args.batch_size, seq_len=args.seq_len, accum=args.accum, optimizer=args.optimizer,
+                lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum, schedule=args.schedule,
+                warmup=args.warmup, clip=args.clip, bf16=args.bf16, eval_every=args.eval_every,
+                eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every, seed=args.seed)
+        except (ValueError, TypeError) as error:
+            raise UsageError(str(error)) from error
+        records = train(run_dir, model_config, train_config, progress=not args.quiet)
+    valid = [r for r in records if "valid_bpb" in r]
+    if valid:
+        print(json.dumps({"run_dir": str(run_dir), "step": valid[-1]["step"],
+                          "valid_bpb": round(valid[-1]["valid_bpb"], 4)}))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .checkpoint import load_model, read_json
+    from .data import Corpus
+    from .train import evaluate
+
+    model = load_model(args.run_dir)
+    train_json = read_json(Path(args.run_dir) / "train.json") if (Path(args.run_dir) / "train.json").is_file() \
+        else {}
+    data = args.data or train_json.get("data")
+    if data is None:
+        raise UsageError("this run folder records no data source: pass --data")
+    seq_len = args.seq_len or train_json.get("seq_len", min(1024, model.config.max_seq_len))
+    if seq_len > model.config.max_seq_len:
+        raise UsageError(f"--seq-len {seq_len} exceeds the model's max_seq_len ({model.config.max_seq_len})")
+    corpus = Corpus.open(data, train_json.get("glob", "**/*"))
+    result = evaluate(model, corpus, args.split, seq_len, args.batch_size, args.batches,
+                      next(model.parameters()).device, n_hashes=args.n_hashes)
+    print(json.dumps({"split": args.split, "seq_len": seq_len, **{k: round(v, 5) for k, v in result.items()}}))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .checkpoint import load_model
+    from .generate import generate
+
+    model = load_model(args.run_dir)
+    prompt = args.prompt.encode("utf-8")
+    if model.config.vocab_size < 256:
+        raise UsageError(f"this model's vocabulary ({model.config.vocab_size}) does not cover bytes")
+    if len(prompt) >= model.config.max_seq_len:
+        raise UsageError(f"the prompt ({len(prompt)} bytes) must be shorter than max_seq_len "
+                         f"({model.config.max_seq_len})")
+    out = sys.stdout.buffer
+    out.write(prompt)
+
+    def emit(token: int) -> None:
+        out.write(bytes([token]) if token < 256 else b"")
+        out.flush()
+
+    generate(model, list(prompt), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+             top_p=args.top_p, seed=args.seed, stop=args.stop.encode("utf-8") if args.stop else b"",
+             use_cache=not args.no_cache, on_token=emit)
+    out.write(b"\n")
+    out.flush()
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .checkpoint import load_model, save_weights, write_atomically
+    from .model import ReformerLM
+
+    if bool(args.from_hf) == bool(args.to_hf):
+        raise UsageError("give exactly one of --from-hf FOLDER or --to-hf RUN_DIR")
+    out = Path(args.out)
+    if args.from_hf:
+        if not Path(args.from_hf).is_dir():
+            raise UsageError(f"{args.from_hf} is not a folder")
+        model = ReformerLM.from_hf(args.from_hf)
+        write_atomically(out / "config.json", model.config.to_json())
+        save_weights(model, out / "model.safetensors")
+    else:
+        load_model(args.to_hf).save_hf(out)
+    print(json.dumps({"written": str(out)}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reformer", description="Reformer: LSH attention and reversible "
+                                     "layers for very long sequences.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+
+    p = sub.add_parser("eval", help="bits per byte of a trained run on a split",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run_dir", help="a run folder written by 'reformer train'")
+    p.add_argument("--data", help="corpus (default: the one the run trained on)")
+    p.add_argument("--split", default="valid", choices=("train", "valid", "test"), help="which split")
+    p.add_argument("--seq-len", type=int, help="window length (default: the training length)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per batch")
+    p.add_argument("--batches", type=int, default=16, help="batches to evaluate")
+    p.add_argument("--n-hashes", type=int, help="hashing rounds at evaluation (default: the model's)")
+
+    p = sub.add_parser("generate", help="sample text from a trained run",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run_dir", help="a run folder written by 'reformer train' or 'reformer convert'")
+    p.add_argument("--prompt", default="def ", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=300, help="bytes to generate at most")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely bytes")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--stop", default="", help="stop after any of these characters")
+    p.add_argument("--no-cache", action="store_true", help="recompute the full forward for every byte")
+
+    p = sub.add_parser("convert", help="import or export HuggingFace transformers Reformer checkpoints")
+    p.add_argument("--from-hf", metavar="FOLDER", help="a transformers save_pretrained folder to import")
+    p.add_argument("--to-hf", metavar="RUN_DIR", help="a run folder to export")
+    p.add_argument("--out", required=True, help="the folder to write")
+    return parser
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "convert": cmd_convert}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (UsageError, DataError, CheckpointError) as error:
+        parser.exit(2, f"reformer {args.command}: error: {error}\n")
+    except ValueError as error:
+        # Raised by config and argument validation (they name the field); bugs raise other types.
+        parser.exit(2, f"reformer {args.command}: error: {error}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

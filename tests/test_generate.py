@@ -1,0 +1,84 @@
+"""Cached decoding equals the full forward pass; sampling behaves."""
+
+import pytest
+import torch
+
+from helpers import tiny
+from reformer import ReformerLM
+from reformer.generate import Decoder, generate, sample
+
+MODELS = {
+    "lsh": dict(attn_layers="lsh", n_layers=2, n_hashes=4),
+    "local": dict(attn_layers="local", n_layers=2),
+    "full": dict(attn_layers="full", n_layers=2),
+    "mixed": dict(attn_layers=("local", "lsh", "full", "lsh"), n_layers=4, n_hashes=2, n_buckets=(2, 4)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_cached_logits_equal_full_forward_at_every_step(name):
+    torch.manual_seed(0)
+    model = ReformerLM(tiny(init_std=0.2, **MODELS[name])).eval()
+    ids = torch.randint(0, 64, (2, 70))
+    with torch.no_grad():
+        full = model(ids)
+    decoder = Decoder(model)
+    prompt = 5
+    steps = [decoder.prefill(ids[:, :prompt])]
+    for t in range(prompt, ids.shape[1]):
+        steps.append(decoder.step(ids[:, t]))
+    cached = torch.stack(steps, dim=1)           # logits for positions prompt-1 ... 69
+    diff = (cached - full[:, prompt - 1:]).abs().max().item()
+    assert full.std() > 0.05
+    assert diff <= 1e-5, diff
+
+
+def test_decoder_refuses_models_it_cannot_cache_exactly():
+    with pytest.raises(ValueError, match="bucket"):
+        Decoder(ReformerLM(tiny(lsh_window="chunk")))
+    with pytest.raises(ValueError, match="causal"):
+        Decoder(ReformerLM(tiny(causal=False)))
+
+
+@pytest.mark.parametrize("window", ["bucket", "chunk"])
+def test_generate_is_seeded_and_cached_matches_uncached(window):
+    torch.manual_seed(0)
+    model = ReformerLM(tiny(init_std=0.2, lsh_window=window)).eval()
+    kwargs = dict(max_new_tokens=30, temperature=1.0, top_k=20, seed=3)
+    first = generate(model, [1, 2, 3], **kwargs)
+    assert first == generate(model, [1, 2, 3], **kwargs)
+    assert first == generate(model, [1, 2, 3], use_cache=False, **kwargs)
+    assert first != generate(model, [1, 2, 3], **{**kwargs, "seed": 4})
+    assert len(first) == 30
+
+
+def test_generation_stops_at_stop_tokens_and_at_max_seq_len():
+    torch.manual_seed(0)
+    model = ReformerLM(tiny(max_seq_len=32, axial_shape=(4, 8))).eval()
+    greedy = generate(model, [5], max_new_tokens=20, temperature=0)
+    out = generate(model, [5], max_new_tokens=20, temperature=0, stop=[greedy[3]])
+    assert out == greedy[:greedy.index(greedy[3]) + 1]
+    assert len(generate(model, [5] * 30, max_new_tokens=10)) == 2
+    streamed = []
+    generate(model, [5], max_new_tokens=4, temperature=0, on_token=streamed.append)
+    assert streamed == greedy[:4]
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    g = torch.Generator().manual_seed(0)
+    assert sample(logits, g, temperature=0).item() == 3
+    draws = {sample(logits, g, top_k=2).item() for _ in range(50)}
+    assert draws <= {2, 3} and len(draws) == 2
+    # top-p 0.6: the most likely token (p=0.64) alone reaches it
+    assert {sample(logits, g, top_p=0.6).item() for _ in range(20)} == {3}
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(temperature=-1), "temperature"), (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p")])
+def test_bad_sampling_arguments(kwargs, message):
+    model = ReformerLM(tiny())
+    with pytest.raises(ValueError, match=message):
+        generate(model, [1], max_new_tokens=2, **kwargs)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, [], max_new_tokens=2)

@@ -202,7 +202,7 @@ class LocalSelfAttention(nn.Module):
     def __init__(self, config: ReformerConfig, layer_idx: int = 0):
         super().__init__()
         self.n_heads, self.d_head = config.n_heads, config.d_head
-        self.dropout = config.attention_dropout
+        self.dropout = config.local_attention_dropout
         # The anchors' local layers wrap around like their LSH chunks; ours stop at the sequence ends.
         self.band = Band(config.local_chunk_length, config.local_n_chunks_before,
                          config.local_n_chunks_after, causal=config.causal,

@@ -4,7 +4,7 @@ A run folder holds:
     config.json          the model's ReformerConfig
     train.json           the TrainConfig it was trained with
     model.safetensors    the latest weights (what ``generate`` and ``eval`` read)
-    checkpoints/step-N/  model.safetensors + state.pt (optimiser, schedule, step, hashing counters)
+    checkpoints/step-N/  model.safetensors + state.pt (optimiser, schedule, step)
     latest               the name of the newest complete checkpoint
     metrics.jsonl        one JSON object per step and per evaluation; curves.png, their plot
 
@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +139,9 @@ def load_checkpoint(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     if not state_path.is_file():
         raise CheckpointError(f"{state_path} is missing")
     try:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():   # a foreign pickle may warn before it fails; the error says it
+            warnings.simplefilter("ignore")
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - never surface a pickle traceback
         raise CheckpointError(f"{state_path} is not a readable training state ({type(error).__name__})") \
             from error

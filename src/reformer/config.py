@@ -92,7 +92,8 @@ class ReformerConfig:
         axial_dims: widths of the axial factors, summing to d_model; None splits d_model in halves.
         max_seq_len: longest sequence the model accepts.
         dropout: dropout on embeddings, residual branches and the final norm.
-        attention_dropout: dropout on attention probabilities.
+        attention_dropout: dropout on attention probabilities (LSH and full layers).
+        local_attention_dropout: the same for local layers; None means attention_dropout.
         layer_norm_eps: LayerNorm epsilon (1e-12 as in transformers).
         init_std, axial_init_std: standard deviations of the weight initialisers.
     """
@@ -124,9 +125,10 @@ class ReformerConfig:
     max_seq_len: int = 4096
     dropout: float = 0.0
     attention_dropout: float = 0.0
+    local_attention_dropout: float | None = None
     layer_norm_eps: float = 1e-12
     init_std: float = 0.02
-    axial_init_std: float = 1.0
+    axial_init_std: float = 0.02
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "d_head", "n_layers", "d_ff", "n_hashes",
@@ -135,7 +137,9 @@ class ReformerConfig:
         _check_int("n_chunks_before", self.n_chunks_before, 0)
         _check_int("ff_chunk_size", self.ff_chunk_size, 0)
         _check_int("hash_seed", self.hash_seed, 0)
-        for name in ("dropout", "attention_dropout"):
+        if self.local_attention_dropout is None:
+            self.local_attention_dropout = self.attention_dropout
+        for name in ("dropout", "attention_dropout", "local_attention_dropout"):
             _check_probability(name, getattr(self, name))
         for name in ("layer_norm_eps", "init_std", "axial_init_std"):
             value = getattr(self, name)

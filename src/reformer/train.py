@@ -1,9 +1,9 @@
 """The training loop: optimisers, schedules, evaluation, checkpoints, exact resume, torch.distributed.
 
 Reproducibility is built in rather than saved: the batch of step s comes from (seed, s) (data.py), and
-the global torch RNG (dropout) is reseeded from (seed, s, rank) at the start of every step. A resumed run
-therefore needs only the weights, the optimiser and schedule state, the step and the LSH layers' call
-counters to continue bit for bit. ``batch_size`` is the global batch: under torchrun each of N ranks
+the global torch RNG (dropout) is reseeded from (seed, s, rank) at the start of every step. Training-time hashing
+rotations are drawn for call number ``step`` of each LSH layer. A resumed run therefore needs only the
+weights, the optimiser and schedule state and the step to continue bit for bit. ``batch_size`` is the global batch: under torchrun each of N ranks
 takes its slice of the same batch, so N processes compute exactly what one process would.
 """
 
@@ -255,8 +255,6 @@ def train(run_dir: str | os.PathLike, model_config: ReformerConfig | None = None
         model.load_state_dict(weights)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        for layer, calls in zip(lsh_layers(model), state["hash_calls"]):
-            layer.hash_calls = int(calls)
         start = int(state["step"])
     elif env.main:
         ckpt.write_atomically(run_dir / "config.json", model_config.to_json())
@@ -282,6 +280,10 @@ def train(run_dir: str | os.PathLike, model_config: ReformerConfig | None = None
         batch = batch[env.rank * per_rank:(env.rank + 1) * per_rank].to(env.device)
         loss_sum = 0.0
         for i, part in enumerate(batch.split(micro)):
+            for layer in lsh_layers(model):
+                # Rotations are a function of the step: micro-batches (and ranks) of one step hash
+                # alike, as the one big batch they stand for would.
+                layer.hash_calls = step
             sync = i == cfg.accum - 1 or env.world == 1
             with (contextlib.nullcontext() if sync else ddp.no_sync()), \
                     torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -310,8 +312,7 @@ def train(run_dir: str | os.PathLike, model_config: ReformerConfig | None = None
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             if env.main:
                 ckpt.save_checkpoint(run_dir, done, model, {
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "hash_calls": [layer.hash_calls for layer in lsh_layers(model)]})
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
             env.barrier()
         if bar is not None:
             bar.set_postfix(loss=f"{loss_value:.3f}", bpb=f"{loss_value / math.log(2):.3f}",

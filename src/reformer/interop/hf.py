@@ -56,12 +56,6 @@ def config_from_hf(hf: dict[str, Any]) -> ReformerConfig:
                         "sees; set num_buckets explicitly", None)
     if isinstance(num_buckets, list) and len(num_buckets) == 1:
         num_buckets = num_buckets[0]
-    dropouts = {hf.get("lsh_attention_probs_dropout_prob") or 0.0 if "lsh" in attn_layers else None,
-                hf.get("local_attention_probs_dropout_prob") or 0.0 if "local" in attn_layers else None}
-    dropouts.discard(None)
-    if len(dropouts) > 1:
-        raise _hf_error("lsh_attention_probs_dropout_prob", "it must equal "
-                        "local_attention_probs_dropout_prob (one attention dropout here)", dropouts)
     axial = bool(hf.get("axial_pos_embds", True))
     max_len = hf.get("max_position_embeddings", 4096)
     if axial:
@@ -90,7 +84,8 @@ def config_from_hf(hf: dict[str, Any]) -> ReformerConfig:
         axial_shape=tuple(hf["axial_pos_shape"]) if axial else None,
         axial_dims=tuple(hf["axial_pos_embds_dim"]) if axial else None,
         max_seq_len=max_len, dropout=hf.get("hidden_dropout_prob", 0.0),
-        attention_dropout=dropouts.pop() if dropouts else 0.0,
+        attention_dropout=hf.get("lsh_attention_probs_dropout_prob") or 0.0,
+        local_attention_dropout=hf.get("local_attention_probs_dropout_prob") or 0.0,
         layer_norm_eps=hf.get("layer_norm_eps", 1e-12), init_std=hf.get("initializer_range", 0.02),
         axial_init_std=hf.get("axial_norm_std", 1.0),
     )
@@ -131,7 +126,7 @@ def config_to_hf(cfg: ReformerConfig) -> dict[str, Any]:
         "axial_pos_embds": axial, "axial_pos_shape": list(cfg.axial_shape),
         "axial_pos_embds_dim": list(cfg.axial_dims), "max_position_embeddings": cfg.max_seq_len,
         "hidden_dropout_prob": cfg.dropout, "lsh_attention_probs_dropout_prob": cfg.attention_dropout,
-        "local_attention_probs_dropout_prob": cfg.attention_dropout, "layer_norm_eps": cfg.layer_norm_eps,
+        "local_attention_probs_dropout_prob": cfg.local_attention_dropout, "layer_norm_eps": cfg.layer_norm_eps,
         "initializer_range": cfg.init_std, "axial_norm_std": cfg.axial_init_std, "pad_token_id": 0,
         "eos_token_id": None, "tie_word_embeddings": False,
     }

@@ -1,0 +1,74 @@
+"""Peak activation memory against depth: reversible layers keep it flat.
+
+For 2, 6 and 12 layers at a fixed length, each point in a fresh process: build the model and the input,
+note the resident memory, run one forward + backward, and report the peak resident memory above that
+baseline (weights, gradients and the transient memory of one layer's recomputation included). Prints one
+JSON object per point, then the 12-layer / 2-layer ratio for each mode.
+
+    python benchmarks/memory_depth.py [--length 8192] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def child(depth: int, length: int, reversible: bool) -> None:
+    import time
+
+    import torch
+
+    from reformer import ReformerConfig, ReformerLM
+
+    torch.manual_seed(0)
+    cfg = ReformerConfig(d_model=128, n_heads=4, d_head=32, d_ff=512, n_layers=depth, n_hashes=2,
+                         chunk_length=64, max_seq_len=length, reversible=reversible, ff_chunk_size=1024)
+    model = ReformerLM(cfg).train()
+    x = torch.randint(0, 256, (1, length))
+    base = rss_mib()
+    start = time.perf_counter()
+    model.loss(x).backward()
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"depth": depth, "reversible": reversible, "length": length,
+                      "peak_above_baseline_mib": round(peak - base, 1), "seconds": round(seconds, 3)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", nargs=3, metavar=("DEPTH", "LENGTH", "REVERSIBLE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(int(args.child[0]), int(args.child[1]), args.child[2] == "1")
+        return
+    medians = {}
+    for reversible in (True, False):
+        for depth in (2, 6, 12):
+            runs = []
+            for _ in range(args.repeats):
+                out = subprocess.run([sys.executable, __file__, "--child", str(depth), str(args.length),
+                                      "1" if reversible else "0"], capture_output=True, text=True, check=True)
+                runs.append(json.loads(out.stdout))
+            point = {**runs[0], "peak_above_baseline_mib": statistics.median(r["peak_above_baseline_mib"] for r in runs),
+                     "seconds": statistics.median(r["seconds"] for r in runs), "repeats": args.repeats}
+            medians[reversible, depth] = point["peak_above_baseline_mib"]
+            print(json.dumps(point), flush=True)
+    for reversible in (True, False):
+        ratio = medians[reversible, 12] / medians[reversible, 2]
+        print(json.dumps({"reversible": reversible, "ratio_12_over_2_layers": round(ratio, 3)}))
+
+
+if __name__ == "__main__":
+    main()

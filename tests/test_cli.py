@@ -1,0 +1,111 @@
+"""The ``reformer`` command: end-to-end runs and one-line errors with exit status 2."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def cli(*args, text=True):
+    return subprocess.run([sys.executable, "-m", "reformer", *map(str, args)], capture_output=True, text=text)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    import argparse
+
+    path = tmp_path_factory.mktemp("data") / "code.py"
+    path.write_bytes(Path(argparse.__file__).read_bytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained_run(text_file, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    result = cli("train", "--data", text_file, "--run-dir", run, "--preset", "tiny", "--steps", 6,
+                 "--batch-size", 4, "--seq-len", 64, "--eval-every", 3, "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["step"] == 6
+    return run
+
+
+def test_train_writes_a_complete_run_folder(trained_run):
+    for name in ("config.json", "train.json", "model.safetensors", "latest", "metrics.jsonl", "curves.png"):
+        assert (trained_run / name).is_file(), name
+    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "valid_bpb" in r] == [3, 6]
+    assert all({"loss", "lr", "tokens_per_s", "elapsed"} <= set(r) for r in records if "loss" in r)
+
+
+def test_generate_and_eval_on_a_run(trained_run):
+    # Bytes, not text: a barely trained byte model need not write valid UTF-8.
+    out = cli("generate", trained_run, "--prompt", "def ", "--max-new-tokens", 20, "--seed", 1, text=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(b"def ") and len(out.stdout) == 4 + 20 + 1
+    again = cli("generate", trained_run, "--prompt", "def ", "--max-new-tokens", 20, "--seed", 1, text=False)
+    assert again.stdout == out.stdout
+    result = cli("eval", trained_run, "--batches", 2)
+    assert result.returncode == 0, result.stderr
+    assert 0 < json.loads(result.stdout)["bpb"] < 9
+
+
+def test_existing_run_dir_is_not_overwritten_silently(trained_run, text_file):
+    result = cli("train", "--data", text_file, "--run-dir", trained_run, "--preset", "tiny", "--quiet")
+    assert result.returncode == 2 and "--resume" in result.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--data", "/no/such/file.txt"], "does not exist"),
+    (["train", "--data", "EMPTY"], "is empty"),
+    (["train", "--preset", "tiny", "--seq-len", "5000"], "max_seq_len"),
+    (["train", "--optimizer", "lion"], "optimizer"),
+    (["train", "--preset", "giant"], "unknown preset"),
+    (["train", "--resume", "/tmp"], "not a run folder"),
+    (["generate", "/tmp"], "not a run folder"),
+    (["eval", "/no/such/run"], "not a run folder"),
+    (["convert", "--out", "x"], "exactly one"),
+    (["train", "--steps", "-3"], "steps"),
+])
+def test_bad_arguments_exit_2_with_one_clear_line(args, message, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    args = [str(empty) if a == "EMPTY" else a for a in args]
+    result = cli(*args, "--run-dir", tmp_path / "run") if args[0] == "train" and "--resume" not in args \
+        else cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_help_explains_every_flag():
+    result = cli("train", "--help")
+    assert result.returncode == 0
+    for flag in ("--data", "--optimizer", "--resume", "--bf16", "--accum", "--schedule"):
+        assert flag in result.stdout
+
+
+def test_convert_from_hf_then_generate_and_back(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_config = transformers.ReformerConfig(
+        vocab_size=256, hidden_size=32, num_attention_heads=2, attention_head_size=16, feed_forward_size=64,
+        attn_layers=["local", "lsh"], axial_pos_shape=[16, 16], axial_pos_embds_dim=[16, 16],
+        max_position_embeddings=256, num_buckets=4, num_hashes=2, hash_seed=3, lsh_attn_chunk_length=8,
+        local_attn_chunk_length=8, is_decoder=True)
+    transformers.ReformerModelWithLMHead(hf_config).save_pretrained(tmp_path / "hf")
+    result = cli("convert", "--from-hf", tmp_path / "hf", "--out", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    out = cli("generate", tmp_path / "run", "--prompt", "abc", "--max-new-tokens", 5, "--temperature", 0,
+              text=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(b"abc")
+    back = cli("convert", "--to-hf", tmp_path / "run", "--out", tmp_path / "hf2")
+    assert back.returncode == 0, back.stderr
+    reloaded = transformers.ReformerModelWithLMHead.from_pretrained(tmp_path / "hf2")
+    original = transformers.ReformerModelWithLMHead.from_pretrained(tmp_path / "hf")
+    for (name, a), (_, b) in zip(original.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -1,0 +1,218 @@
+"""Training: exact resume after kill -9, atomic checkpoints, DDP equivalence, clear errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from reformer import ReformerConfig, ReformerLM
+from reformer import checkpoint as ckpt
+from reformer.checkpoint import CheckpointError, load_checkpoint, load_model
+from reformer.data import Corpus, window_batch
+from reformer.train import TrainConfig, lr_factor, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    """Real text: a few standard-library modules, concatenated."""
+    import argparse
+    import dataclasses as dc
+    import json as js
+
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_bytes(b"".join(Path(m.__file__).read_bytes() for m in (argparse, dc, js.decoder)))
+    return path
+
+
+def cli(*args, env=None, **kwargs):
+    return subprocess.run([sys.executable, "-m", "reformer", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, **kwargs)
+
+
+def small_run_args(data, run_dir, steps, **extra):
+    args = ["train", "--data", data, "--run-dir", run_dir, "--preset", "tiny", "--steps", steps,
+            "--batch-size", 4, "--seq-len", 128, "--eval-every", 1000, "--checkpoint-every", 4,
+            "--dropout", 0.1, "--quiet"]
+    for key, value in extra.items():
+        args += [f"--{key.replace('_', '-')}", value]
+    return args
+
+
+def step_losses(run_dir):
+    losses = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            losses[record["step"]] = record["loss"]
+    return losses
+
+
+def test_resume_after_kill_9_continues_bit_for_bit(corpus_file, tmp_path):
+    steps = 40
+    full = cli(*small_run_args(corpus_file, tmp_path / "full", steps))
+    assert full.returncode == 0, full.stderr
+    expected = step_losses(tmp_path / "full")
+    assert sorted(expected) == list(range(1, steps + 1))
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "reformer", *map(str, small_run_args(corpus_file, run, steps))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 14:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(step_losses(run))
+    assert killed_at < steps, "the run finished before it could be killed"
+    resumed = cli("train", "--resume", run, "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    got = step_losses(run)
+    assert got == expected     # every step, those before and after the kill, bit for bit
+
+
+def test_checkpoint_write_is_atomic_under_failure(corpus_file, tmp_path, monkeypatch):
+    cfg = TrainConfig(data=str(corpus_file), steps=4, batch_size=2, seq_len=32, checkpoint_every=2,
+                      eval_every=100)
+    model_cfg = ReformerConfig.preset("tiny")
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def failing_save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:        # the second checkpoint dies half-way through its state file
+            f.write(b"partial")
+            raise OSError("disk full (injected)")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="injected"):
+        train(tmp_path, model_cfg, cfg, progress=False)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert (tmp_path / "latest").read_text().strip() == "checkpoints/step-00000002"
+    weights, state = load_checkpoint(tmp_path)
+    assert state["step"] == 2
+    load_model(tmp_path)                                     # model.safetensors is whole
+    records = train(tmp_path, resume=True, progress=False)   # and the run resumes from it
+    assert max(r["step"] for r in records) == 4
+
+
+def test_damaged_checkpoint_files_give_clear_errors(corpus_file, tmp_path):
+    train(tmp_path, ReformerConfig.preset("tiny"),
+          TrainConfig(data=str(corpus_file), steps=2, batch_size=2, seq_len=32, checkpoint_every=2),
+          progress=False)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_model(tmp_path)
+    state = tmp_path / "checkpoints" / "step-00000002" / "state.pt"
+    state.write_bytes(b"\x80\x04not a pickle at all")
+    with pytest.raises(CheckpointError, match="state.pt"):
+        load_checkpoint(tmp_path)
+    import argparse
+    import pickle
+
+    state.write_bytes(pickle.dumps(argparse.Namespace(step=1)))   # a pickle of something else
+    with pytest.raises(CheckpointError, match="state.pt"):
+        load_checkpoint(tmp_path)
+    torch.save({"step": 2}, state)                                   # a torch file of something else
+    with pytest.raises(CheckpointError, match="not a reformer training state"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="not a run folder"):
+        load_model(tmp_path / "checkpoints")
+
+
+def test_batches_depend_only_on_seed_and_step(corpus_file):
+    data = Corpus.open(str(corpus_file)).split("train")
+    a = window_batch(data, 4, 16, seed=1, step=7)
+    assert torch.equal(a, window_batch(data, 4, 16, seed=1, step=7))
+    assert not torch.equal(a, window_batch(data, 4, 16, seed=1, step=8))
+    assert a.dtype == torch.int64 and a.shape == (4, 16)
+
+
+def test_corpus_splits_are_fixed_and_disjoint(corpus_file):
+    corpus = Corpus.open(str(corpus_file))
+    size = corpus_file.stat().st_size
+    assert corpus.bounds["train"] == (0, int(size * 0.9))
+    assert corpus.bounds["valid"][0] == corpus.bounds["train"][1]
+    assert corpus.bounds["test"][1] == size
+    assert bytes(corpus.split("test")) == corpus_file.read_bytes()[corpus.bounds["test"][0]:]
+
+
+def test_folder_and_enwik8_corpora(tmp_path):
+    folder = tmp_path / "docs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_bytes(b"alpha " * 100)
+    (folder / "sub" / "b.txt").write_bytes(b"beta " * 100)
+    (folder / "c.bin").write_bytes(b"\x00" * 50)
+    corpus = Corpus.open(str(folder), glob="**/*.txt")
+    assert corpus.path.read_bytes() == b"alpha " * 100 + b"beta " * 100
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "enwik8.zip", "w") as z:
+        z.writestr("enwik8", b"<page>" * 1000)
+    corpus = Corpus.open(str(tmp_path / "enwik8.zip"))
+    assert corpus.path.read_bytes() == b"<page>" * 1000
+
+
+def test_learning_rate_schedules():
+    cfg = TrainConfig(steps=100, warmup=10, schedule="cosine")
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(99, cfg) == pytest.approx(0.1, abs=0.01)
+    assert lr_factor(39, TrainConfig(steps=100, warmup=10, schedule="rsqrt")) == pytest.approx(0.5)
+    assert lr_factor(50, TrainConfig(steps=100, warmup=10, schedule="constant")) == 1.0
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd", "rmsprop", "adafactor"])
+def test_every_optimizer_trains(corpus_file, tmp_path, optimizer):
+    if optimizer == "adafactor" and not hasattr(torch.optim, "Adafactor"):
+        pytest.skip("torch.optim.Adafactor needs torch >= 2.5")
+    lr = {"sgd": 0.5, "rmsprop": 3e-3}.get(optimizer, 1e-2)
+    records = train(tmp_path, ReformerConfig.preset("tiny"),
+                    TrainConfig(data=str(corpus_file), steps=12, batch_size=4, seq_len=64, lr=lr, warmup=2,
+                                optimizer=optimizer, eval_every=100, checkpoint_every=100), progress=False)
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gradient_accumulation_matches_one_big_batch(corpus_file, tmp_path):
+    common = dict(data=str(corpus_file), steps=2, batch_size=4, seq_len=64, optimizer="sgd", momentum=0.0,
+                  clip=0.0, eval_every=100, checkpoint_every=100)
+    train(tmp_path / "a", ReformerConfig.preset("tiny"), TrainConfig(accum=1, **common), progress=False)
+    train(tmp_path / "b", ReformerConfig.preset("tiny"), TrainConfig(accum=2, **common), progress=False)
+    a, b = load_model(tmp_path / "a").state_dict(), load_model(tmp_path / "b").state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+
+
+def test_distributed_step_equals_single_process_step(corpus_file, tmp_path):
+    """torchrun with 2 gloo processes == one process on the concatenated batch (reversible layers)."""
+    lr = 0.5
+    args = dict(optimizer="sgd", momentum=0.0, lr=lr, clip=0.0, warmup=0, dropout=0.0)
+    single = cli(*small_run_args(corpus_file, tmp_path / "single", 1, **args))
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29533", "-m", "reformer",
+                          *map(str, small_run_args(corpus_file, tmp_path / "ddp", 1, **args))],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    torch.manual_seed(0)
+    initial = ReformerLM(ReformerConfig.from_dict(json.loads((tmp_path / "single" / "config.json").read_text())))
+    one, two = load_model(tmp_path / "single").state_dict(), load_model(tmp_path / "ddp").state_dict()
+    for name, w0 in initial.state_dict().items():
+        grad_single, grad_ddp = (w0 - one[name]) / lr, (w0 - two[name]) / lr
+        assert grad_single.abs().max() > 0 or "position" in name, name
+        torch.testing.assert_close(grad_ddp, grad_single, atol=1e-5, rtol=0, msg=name)
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0, msg=name)
+    assert (tmp_path / "ddp" / "checkpoints").is_dir() and len(list((tmp_path / "ddp").glob("**/state.pt"))) == 1

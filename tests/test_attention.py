@@ -149,3 +149,46 @@ def test_banded_core_gradients_are_exact(name, dropout):
     if band.anchor_masks and dropout:
         pytest.skip("anchor numerics are for inference parity")
     assert torch.autograd.gradcheck(run, (q, k, v), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def _random_rounds(seed, rounds=3, n=32, d=4, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, 2, n, d, generator=g, dtype=dtype, requires_grad=True) for _ in range(3))
+    buckets = torch.randint(0, 3, (2, 2, rounds, n), generator=g)
+    buckets[1, :, :, n - 5:] = 3                                  # padding bucket of the second sequence
+    buckets = buckets + 4 * torch.arange(rounds)[:, None]         # ids unique across rounds
+    valid = torch.ones(2, n, dtype=torch.bool)
+    valid[1, n - 5:] = False
+    return q, k, v, buckets, valid
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_round_by_round_equals_all_rounds_at_once(causal):
+    from reformer.attention import combine_rounds
+    from reformer.rounds import gather_items, lsh_attention_by_round, sort_by_bucket, unsort
+
+    band = Band(4, 1, 0 if causal else 1, causal=causal, same_bucket=True, mask_self=True)
+    q, k, v, buckets, valid = _random_rounds(0)
+    order, positions, sorted_buckets = sort_by_bucket(buckets)
+    out, lse, has_other = banded_attention(
+        gather_items(q, positions), gather_items(k, positions), gather_items(v, positions), positions, band,
+        buckets=sorted_buckets, key_valid=valid[:, None, :].expand(-1, 2, -1).gather(2, positions))
+    out, lse, has_other = unsort(order, out, lse, has_other)
+    shape = (2, 2, 3, 32)
+    expected = combine_rounds(out.reshape(*shape, -1), lse.reshape(shape), has_other.reshape(shape))
+    torch.testing.assert_close(lsh_attention_by_round(q, k, v, buckets, band, valid), expected,
+                               atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_round_by_round_gradients_are_exact(dropout):
+    from reformer.rounds import lsh_attention_by_round
+
+    band = Band(4, 1, 0, causal=True, same_bucket=True, mask_self=True)
+    q, k, v, buckets, valid = _random_rounds(1, n=16)
+
+    def run(q, k, v):
+        torch.manual_seed(2)   # the same dropout masks on every evaluation
+        return lsh_attention_by_round(q, k, v, buckets, band, valid, dropout=dropout, training=True)
+
+    assert torch.autograd.gradcheck(run, (q, k, v), eps=1e-6, atol=1e-6, fast_mode=True)

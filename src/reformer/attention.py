@@ -2,10 +2,12 @@
 
 LSH attention, step by step (one named function each):
     hash_with_padding  angular LSH of the shared query-key vectors, padding in a bucket of its own
-    sort_by_bucket     order items by (round, bucket, position)
-    banded_attention   attention inside the band of the sorted sequence (banded.py)
-    unsort             back to (round, position) order
+    sort_by_bucket     order items by (round, bucket, position)                  (rounds.py)
+    banded_attention   attention inside the band of the sorted sequence          (banded.py)
+    unsort             back to (round, position) order                           (rounds.py)
     combine_rounds     weight each round's output by its softmax normaliser
+In the default "bucket" window, where rounds never mix, ``lsh_attention_by_round`` runs the same
+steps one round at a time with an online combination, to bound memory (rounds.py).
 Local attention is the same banded core on the unsorted sequence; full attention is SDPA.
 All layers take and return (batch, length, d_model) and accept any length: they pad internally to a
 multiple of their chunk length and mask the padding.
@@ -21,7 +23,8 @@ from torch import nn
 
 from .banded import Band, banded_attention
 from .config import ReformerConfig
-from .hashing import draw_rotations, hash_vectors, total_buckets, derive_seed
+from .hashing import derive_seed, draw_rotations, hash_vectors, total_buckets
+from .rounds import gather_items, lsh_attention_by_round, sort_by_bucket, unsort
 
 
 def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -70,32 +73,6 @@ def hash_with_padding(qk: torch.Tensor, rotations: torch.Tensor, n_buckets: int 
         buckets = buckets.masked_fill(~key_valid[:, None, None, :], n)
     offsets = torch.arange(buckets.shape[2], device=qk.device)[:, None] * (n + 1)
     return buckets + offsets
-
-
-def sort_by_bucket(buckets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Order items by (round, bucket, position).
-
-    buckets: (batch, heads, rounds, length). Returns, each (batch, heads, rounds * length):
-    order (index r * length + position of each sorted item), the sorted items' positions and their
-    bucket ids.
-    """
-    length = buckets.shape[-1]
-    positions = torch.arange(length, device=buckets.device)
-    keys = (buckets * length + positions).flatten(2)   # unique, so the sort is deterministic
-    sorted_keys, order = torch.sort(keys, dim=-1)
-    return order, sorted_keys % length, sorted_keys // length
-
-
-def gather_items(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x (batch, heads, length, d) at index (batch, heads, m) -> (batch, heads, m, d)."""
-    return x.gather(2, index[..., None].expand(*index.shape, x.shape[-1]))
-
-
-def unsort(order: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Undo ``sort_by_bucket``: put sorted items (batch, heads, rounds * length, ...) back in place."""
-    undo = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
-                                            .expand_as(order))
-    return [t.gather(2, undo) if t.dim() == 3 else gather_items(t, undo) for t in tensors]
 
 
 def combine_rounds(out: torch.Tensor, lse: torch.Tensor, has_other: torch.Tensor,
@@ -168,6 +145,13 @@ class LSHSelfAttention(nn.Module):
             return self.out(merge_heads(out))[:, :length]
 
         buckets = hash_with_padding(qk, self.rotations(n_hashes), self.n_buckets, key_valid)
+        if self.band.same_bucket:
+            # Rounds never mix in the bucket window: attend them one at a time (rounds.py).
+            out = lsh_attention_by_round(qk, normalize_keys(qk), v, buckets, self.band, key_valid,
+                                         self.dropout, self.training)
+            return self.out(merge_heads(out))[:, :length]
+
+        # The anchors' chunk window spans rounds (wrap-around): attend all rounds in one sorted sequence.
         order, positions, sorted_buckets = sort_by_bucket(buckets)
         valid = None if key_valid is None else key_valid[:, None, :].expand(-1, self.n_heads, -1) \
             .gather(2, positions)

@@ -56,30 +56,48 @@ class Band:
         return (self.before + 1 + self.after) * self.chunk_length
 
 
-def look_around(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
-    """Concatenate each chunk with its neighbours, wrapping around at the ends.
+def look_around(x: torch.Tensor, before: int, after: int, start: int = 0,
+                stop: int | None = None) -> torch.Tensor:
+    """Each chunk with its neighbours, for chunks ``start`` to ``stop``, wrapping around at the ends.
 
     x: (batch, heads, n_chunks, chunk_length, *rest)
-    -> (batch, heads, n_chunks, (before + 1 + after) * chunk_length, *rest),
+    -> (batch, heads, stop - start, (before + 1 + after) * chunk_length, *rest),
     the neighbours in the order k - before, ..., k, ..., k + after.
     """
-    parts = [x if i == 0 else torch.roll(x, shifts=-i, dims=2) for i in range(-before, after + 1)]
-    return torch.cat(parts, dim=3)
+    n_chunks = x.shape[2]
+    stop = n_chunks if stop is None else stop
+    index = torch.arange(start - before, stop + after, device=x.device) % n_chunks
+    extended = x.index_select(2, index)
+    return torch.cat([extended.narrow(2, i, stop - start) for i in range(before + 1 + after)], dim=3)
 
 
-def band_structure_mask(band: Band, n_chunks: int, device: torch.device) -> torch.Tensor | None:
-    """Mask of the key slots a query may see from the band's shape alone, or None if all.
+def fold_around(window: torch.Tensor, before: int, after: int, start: int, n_chunks: int,
+                out: torch.Tensor) -> None:
+    """The adjoint of ``look_around``: add window slots back onto the chunks they came from, in place.
 
-    Returns (n_chunks, chunk_length, width) bool: without wrap-around, slots of chunks beyond the
-    sequence's ends are hidden; with ``same_bucket``, slots further than before/after * chunk_length
-    items from the query are hidden.
+    window: (batch, heads, m, (before + 1 + after) * c, *rest) for chunks start ... start + m - 1;
+    out: (batch, heads, n_chunks, c, *rest).
+    """
+    m = window.shape[2]
+    for i, part in enumerate(window.chunk(before + 1 + after, dim=3)):
+        index = torch.arange(start - before + i, start - before + i + m, device=window.device) % n_chunks
+        out.index_add_(2, index, part)
+
+
+def band_structure_mask(band: Band, start: int, stop: int, n_chunks: int,
+                        device: torch.device) -> torch.Tensor | None:
+    """Mask of the key slots that queries of chunks start ... stop - 1 may see by the band's shape alone.
+
+    Returns (stop - start, chunk_length, width) bool, or None if every slot is visible: without
+    wrap-around, slots of chunks beyond the sequence's ends are hidden; with ``same_bucket``, slots
+    further than before/after * chunk_length items from the query are hidden.
     """
     c = band.chunk_length
     offsets = torch.arange(-band.before, band.after + 1, device=device).repeat_interleave(c)  # (width,)
     mask = None
     if not band.wrap:
-        key_chunk = torch.arange(n_chunks, device=device)[:, None] + offsets  # (n_chunks, width)
-        mask = ((key_chunk >= 0) & (key_chunk < n_chunks))[:, None, :].expand(n_chunks, c, band.width)
+        key_chunk = torch.arange(start, stop, device=device)[:, None] + offsets
+        mask = ((key_chunk >= 0) & (key_chunk < n_chunks))[:, None, :].expand(stop - start, c, band.width)
     if band.same_bucket:
         key_slot = offsets * c + torch.arange(c, device=device).repeat(band.before + 1 + band.after)
         distance = key_slot[None, :] - torch.arange(c, device=device)[:, None]  # (c, width)
@@ -93,45 +111,54 @@ def _chunk(x: torch.Tensor, c: int) -> torch.Tensor:
     return x.reshape(*x.shape[:2], x.shape[2] // c, c, *x.shape[3:])
 
 
-def fold_around(window: torch.Tensor, before: int, after: int) -> torch.Tensor:
-    """The adjoint of ``look_around``: add each chunk's window slots back onto the chunks they came from.
+@dataclass
+class Items:
+    """The sequence the core attends over, chunked: (batch, heads, n_chunks, chunk_length[, d_head]).
 
-    window: (batch, heads, n_chunks, (before + 1 + after) * c, *rest) -> (batch, heads, n_chunks, c, *rest).
+    positions: original positions (causal and self masks); buckets: bucket ids or None; valid: False
+    for padding keys, or None.
     """
-    parts = window.chunk(before + 1 + after, dim=3)
-    total = None
-    for i, part in zip(range(-before, after + 1), parts):
-        part = part if i == 0 else torch.roll(part, shifts=i, dims=2)
-        total = part if total is None else total + part
-    return total
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+    buckets: torch.Tensor | None
+    valid: torch.Tensor | None
+
+    @classmethod
+    def chunked(cls, band: Band, q, k, v, positions, buckets, valid) -> "Items":
+        c = band.chunk_length
+        return cls(*(None if t is None else _chunk(t, c) for t in (q, k, v, positions, buckets, valid)))
+
+    @property
+    def n_chunks(self) -> int:
+        return self.q.shape[2]
 
 
-def band_mask(band: Band, positions: torch.Tensor, buckets: torch.Tensor | None,
-              key_valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Who may attend to whom, chunk by chunk.
+def band_mask(band: Band, items: Items, start: int, stop: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Who may attend to whom, for the queries of chunks start ... stop - 1.
 
-    positions, buckets, key_valid: (batch, heads, n) (key_valid may be None, buckets None unless
-    ``band.same_bucket``). Returns ``allowed`` (B, H, nc, c, W) bool before the self fallback,
-    ``is_self`` of the same shape, and ``has_other`` (B, H, nc, c): whether a query has an allowed key
-    other than itself (any allowed key when not ``band.mask_self``).
+    Returns ``allowed`` (B, H, m, c, W) bool before the self fallback, ``is_self`` of the same shape,
+    and ``has_other`` (B, H, m, c): whether a query has an allowed key other than itself (any allowed
+    key when not ``band.mask_self``).
     """
-    c = band.chunk_length
-    n_chunks = positions.shape[2] // c
-    q_pos = _chunk(positions, c)[..., :, None]                                   # (B, H, nc, c, 1)
-    k_pos = look_around(_chunk(positions, c), band.before, band.after)[..., None, :]  # (B, H, nc, 1, W)
+    def window(x):
+        return look_around(x, band.before, band.after, start, stop)[..., None, :]
+
+    q_pos = items.positions[:, :, start:stop, :, None]                  # (B, H, m, c, 1)
+    k_pos = window(items.positions)                                     # (B, H, m, 1, W)
     is_self = k_pos == q_pos
-    allowed = band_structure_mask(band, n_chunks, positions.device)
+    allowed = band_structure_mask(band, start, stop, items.n_chunks, q_pos.device)
     if band.causal:
         allowed = _and(allowed, k_pos <= q_pos)
-    if key_valid is not None:
-        valid = look_around(_chunk(key_valid, c), band.before, band.after)
-        allowed = _and(allowed, valid[..., None, :])
+    if items.valid is not None:
+        allowed = _and(allowed, window(items.valid))
     if band.same_bucket:
-        if buckets is None:
+        if items.buckets is None:
             raise ValueError("banded_attention: same_bucket=True needs the buckets argument")
-        q_bucket = _chunk(buckets, c)[..., :, None]
-        k_bucket = look_around(_chunk(buckets, c), band.before, band.after)[..., None, :]
-        allowed = _and(allowed, k_bucket == q_bucket)
+        allowed = _and(allowed, window(items.buckets) == items.buckets[:, :, start:stop, :, None])
     allowed = torch.ones_like(is_self) if allowed is None else allowed.expand_as(is_self)
     other = allowed & ~is_self if band.mask_self else allowed
     return allowed, is_self, other.any(dim=-1)
@@ -139,7 +166,7 @@ def band_mask(band: Band, positions: torch.Tensor, buckets: torch.Tensor | None,
 
 def _probabilities(band: Band, logits: torch.Tensor, allowed: torch.Tensor, is_self: torch.Tensor,
                    has_other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention probabilities (B, H, nc, c, W) and their normaliser, the logsumexp (B, H, nc, c)."""
+    """Attention probabilities (B, H, m, c, W) and their normaliser, the logsumexp (B, H, m, c)."""
     if band.anchor_masks:
         hidden, self_value = (-1e4, -1e3) if logits.dtype == torch.float16 else (-1e9, -1e5)
         logits = logits.masked_fill(~allowed, hidden)
@@ -159,54 +186,99 @@ def _probabilities(band: Band, logits: torch.Tensor, allowed: torch.Tensor, is_s
     return probs, logits.amax(dim=-1) - torch.log(probs.amax(dim=-1))
 
 
+BLOCK_ELEMENTS = 1 << 22   # scores computed at once: bounds the core's working memory (~16 MiB each)
+
+
+def _blocks(band: Band, items: Items):
+    """Ranges of chunks small enough that one block's scores hold about BLOCK_ELEMENTS numbers."""
+    batch, heads, n_chunks, c = items.q.shape[:4]
+    size = max(1, BLOCK_ELEMENTS // (batch * heads * c * band.width))
+    return [(a, min(a + size, n_chunks)) for a in range(0, n_chunks, size)]
+
+
+def _dropout_keep(shape, dropout: float, seed: int, start: int, device) -> torch.Tensor:
+    """The dropout mask of one block, regenerated identically in backward from (seed, block start)."""
+    generator = torch.Generator(device=device).manual_seed(seed + start)
+    return torch.rand(shape, generator=generator, device=device) >= dropout
+
+
+def _block_probs(band: Band, items: Items, start: int, stop: int, dropout: float, seed: int):
+    """Probabilities, the same dropped out, the dropout's keep mask (or None), the normaliser, has_other,
+    the key and value windows and the masks of one block."""
+    k_window = look_around(items.k, band.before, band.after, start, stop)
+    v_window = look_around(items.v, band.before, band.after, start, stop)
+    allowed, is_self, has_other = band_mask(band, items, start, stop)
+    logits = items.q[:, :, start:stop] @ k_window.transpose(-1, -2)
+    probs, lse = _probabilities(band, logits, allowed, is_self, has_other)
+    dropped, keep = probs, None
+    if dropout:
+        keep = _dropout_keep(probs.shape, dropout, seed, start, probs.device)
+        dropped = probs * keep / (1 - dropout)
+    return probs, dropped, keep, lse, has_other, k_window, v_window, allowed, is_self
+
+
+def banded_forward(band: Band, items: Items, dropout: float = 0.0, seed: int = 0):
+    """out (B, H, nc, c, d), lse and has_other (B, H, nc, c), one block of chunks at a time."""
+    out = items.q.new_empty(*items.q.shape[:4], items.v.shape[-1])
+    lse = items.q.new_empty(items.q.shape[:4])
+    has_other = torch.empty(items.q.shape[:4], dtype=torch.bool, device=items.q.device)
+    for start, stop in _blocks(band, items):
+        _, dropped, _, lse[:, :, start:stop], has_other[:, :, start:stop], _, v_window, _, _ = \
+            _block_probs(band, items, start, stop, dropout, seed)
+        out[:, :, start:stop] = dropped @ v_window
+    return out, lse, has_other
+
+
+def banded_backward(band: Band, items: Items, out: torch.Tensor, d_out: torch.Tensor, d_lse: torch.Tensor,
+                    dropout: float = 0.0, seed: int = 0):
+    """Gradients (dq, dk, dv), chunked like q, from the output's and the normaliser's gradients.
+
+    d logits = P * (dP - sum(P * dP)) + P * d_lse, with sum(P * dP) = sum(d_out * out) per query.
+    """
+    d_q, d_k, d_v = torch.zeros_like(items.q), torch.zeros_like(items.k), torch.zeros_like(items.v)
+    n_chunks = items.n_chunks
+    row = (d_out * out).sum(dim=-1) - d_lse                              # (B, H, nc, c)
+    for start, stop in _blocks(band, items):
+        probs, dropped, keep, _, _, k_window, v_window, allowed, is_self = \
+            _block_probs(band, items, start, stop, dropout, seed)
+        d_out_block = d_out[:, :, start:stop]
+        fold_around(dropped.transpose(-1, -2) @ d_out_block, band.before, band.after, start, n_chunks, d_v)
+        d_probs = d_out_block @ v_window.transpose(-1, -2)
+        if keep is not None:
+            d_probs = d_probs * keep / (1 - dropout)
+        d_logits = probs * (d_probs - row[:, :, start:stop, :, None])
+        if band.anchor_masks:   # replaced logits are constants: no gradient flows through them
+            d_logits = d_logits.masked_fill(~allowed | is_self if band.mask_self else ~allowed, 0.0)
+        d_q[:, :, start:stop] = d_logits @ k_window
+        fold_around(d_logits.transpose(-1, -2) @ items.q[:, :, start:stop], band.before, band.after, start,
+                    n_chunks, d_k)
+    return d_q, d_k, d_v
+
+
 class _BandedAttention(torch.autograd.Function):
     """Banded attention that stores q, k, v, the output and the normaliser, never the (n x W) scores.
 
-    Backward recomputes the scores and probabilities chunk-wise, as flash attention does: memory stays
-    O(n * d) per layer instead of O(n * W).
+    Backward recomputes scores and probabilities block by block, as flash attention does: memory stays
+    O(n * d) per layer, plus one block of scores.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, positions, buckets, key_valid, band, dropout):
-        c = band.chunk_length
-        q_chunks = _chunk(q, c)
-        k_window = look_around(_chunk(k, c), band.before, band.after)
-        v_window = look_around(_chunk(v, c), band.before, band.after)
-        allowed, is_self, has_other = band_mask(band, positions, buckets, key_valid)
-        probs, lse = _probabilities(band, q_chunks @ k_window.transpose(-1, -2), allowed, is_self, has_other)
-        keep = None
-        if dropout:
-            keep = torch.rand_like(probs) >= dropout
-            probs = probs * keep / (1 - dropout)
-        out = probs @ v_window                                          # (B, H, nc, c, d)
-        ctx.save_for_backward(q, k, v, positions, buckets, key_valid, out, lse, keep)
-        ctx.band, ctx.dropout = band, dropout
+    def forward(ctx, q, k, v, positions, buckets, valid, band, dropout, seed):
+        items = Items.chunked(band, q, k, v, positions, buckets, valid)
+        out, lse, has_other = banded_forward(band, items, dropout, seed)
+        ctx.save_for_backward(q, k, v, positions, buckets, valid, out)
+        ctx.band, ctx.dropout, ctx.seed = band, dropout, seed
         return out.flatten(2, 3), lse.flatten(2), has_other.flatten(2)
 
     @staticmethod
     def backward(ctx, d_out, d_lse, _):
-        q, k, v, positions, buckets, key_valid, out, lse, keep = ctx.saved_tensors
+        q, k, v, positions, buckets, valid, out = ctx.saved_tensors
         band = ctx.band
+        items = Items.chunked(band, q, k, v, positions, buckets, valid)
         c = band.chunk_length
-        q_chunks = _chunk(q, c)
-        k_window = look_around(_chunk(k, c), band.before, band.after)
-        v_window = look_around(_chunk(v, c), band.before, band.after)
-        allowed, is_self, has_other = band_mask(band, positions, buckets, key_valid)
-        probs, _ = _probabilities(band, q_chunks @ k_window.transpose(-1, -2), allowed, is_self, has_other)
-        d_out = _chunk(d_out, c)
-        d_probs = d_out @ v_window.transpose(-1, -2)                    # (B, H, nc, c, W)
-        dropped = probs if keep is None else probs * keep / (1 - ctx.dropout)
-        d_v = fold_around(dropped.transpose(-1, -2) @ d_out, band.before, band.after)
-        if keep is not None:
-            d_probs = d_probs * keep / (1 - ctx.dropout)
-        # d logits = P * (dP - sum(P * dP)) + P * d_lse, with sum(P * dP) = sum(d_out * out)
-        row = (d_out * out).sum(dim=-1, keepdim=True) - _chunk(d_lse, c)[..., None]
-        d_logits = probs * (d_probs - row)
-        if band.anchor_masks:   # replaced logits are constants: no gradient flows through them
-            d_logits = d_logits.masked_fill(~allowed | is_self if band.mask_self else ~allowed, 0.0)
-        d_q = d_logits @ k_window
-        d_k = fold_around(d_logits.transpose(-1, -2) @ q_chunks, band.before, band.after)
-        return (d_q.flatten(2, 3), d_k.flatten(2, 3), d_v.flatten(2, 3), None, None, None, None, None)
+        d_q, d_k, d_v = banded_backward(band, items, out, _chunk(d_out, c), _chunk(d_lse, c), ctx.dropout,
+                                        ctx.seed)
+        return d_q.flatten(2, 3), d_k.flatten(2, 3), d_v.flatten(2, 3), None, None, None, None, None, None
 
 
 def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -228,8 +300,14 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
     positions = positions.expand(batch, heads, n)
     if key_valid is not None:
         key_valid = key_valid.expand(batch, heads, n)
-    return _BandedAttention.apply(q, k, v, positions, buckets, key_valid, band,
-                                  dropout if training else 0.0)
+    dropout = dropout if training else 0.0
+    seed = dropout_seed() if dropout else 0
+    return _BandedAttention.apply(q, k, v, positions, buckets, key_valid, band, dropout, seed)
+
+
+def dropout_seed() -> int:
+    """A seed for the dropout masks of one call, drawn from the global RNG (so reversible replays it)."""
+    return int(torch.randint(0, 2**62, (1,)).item())
 
 
 def _and(mask: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:

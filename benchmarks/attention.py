@@ -1,0 +1,176 @@
+"""One causal attention layer, forward + backward, side by side with the anchors and full attention.
+
+Layers (batch 1, d_model 256, 4 heads x 64, LayerNorm + attention + output projection):
+    ours-bucket   our LSHSelfAttention, lsh_window="bucket" (4 rounds, chunk 64)
+    ours-chunk    our LSHSelfAttention, lsh_window="chunk" (the anchors' semantics)
+    ours-local    our LocalSelfAttention (chunk 64, one chunk back)
+    hf            transformers' ReformerAttention with its LSHSelfAttention (4 rounds, chunk 64)
+    lucidrains    reformer_pytorch's LSHSelfAttention (4 rounds, bucket size 64)
+    sdpa          full attention through torch.nn.functional.scaled_dot_product_attention
+
+Every point runs in a fresh process (peak RSS is per process) after a warm-up at 1K tokens; the
+median of --repeats runs is reported. Prints one JSON object per point and, for our layers, the
+floating-point work of the step against the machine's measured float32 matmul throughput.
+Peers come from `pip install -e .[bench]`.
+
+    python benchmarks/attention.py --lengths 1024 4096 16384 65536 --plot benchmarks/attention.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+D_MODEL, HEADS, D_HEAD, HASHES, CHUNK = 256, 4, 64, 4, 64
+IMPLEMENTATIONS = ("ours-bucket", "ours-chunk", "ours-local", "hf", "lucidrains", "sdpa")
+
+
+def n_buckets(length: int) -> int:
+    return max(2, 1 << ((2 * length // CHUNK).bit_length() - 1))   # transformers' rule
+
+
+def build(impl: str, length: int):
+    """The layer as a function (batch, length, d_model) -> (batch, length, d_model)."""
+    import torch
+
+    if impl.startswith("ours") or impl == "sdpa":
+        from reformer import ReformerConfig
+        from reformer.reversible import AttentionBranch
+
+        kind = {"ours-bucket": "lsh", "ours-chunk": "lsh", "ours-local": "local", "sdpa": "full"}[impl]
+        cfg = ReformerConfig(d_model=D_MODEL, n_heads=HEADS, d_head=D_HEAD, n_layers=1, attn_layers=kind,
+                             n_hashes=HASHES, chunk_length=CHUNK, n_buckets=n_buckets(length),
+                             max_seq_len=length, lsh_window="chunk" if impl == "ours-chunk" else "bucket",
+                             position_embedding="none")
+        return AttentionBranch(cfg, 0).train()
+    if impl == "hf":
+        from transformers import ReformerConfig as HFConfig
+        from transformers.models.reformer.modeling_reformer import ReformerAttention
+
+        cfg = HFConfig(hidden_size=D_MODEL, num_attention_heads=HEADS, attention_head_size=D_HEAD,
+                       attn_layers=["lsh"], num_hashes=HASHES, lsh_attn_chunk_length=CHUNK,
+                       num_buckets=n_buckets(length), is_decoder=True, max_position_embeddings=length,
+                       lsh_attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
+        layer = ReformerAttention(cfg).train()
+        return lambda x: layer(x).hidden_states
+    if impl == "lucidrains":
+        from reformer_pytorch import LSHSelfAttention
+
+        layer = LSHSelfAttention(dim=D_MODEL, heads=HEADS, dim_head=D_HEAD, bucket_size=CHUNK,
+                                 n_hashes=HASHES, causal=True).train()
+        norm = torch.nn.LayerNorm(D_MODEL)
+        return lambda x: layer(norm(x))
+    raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLEMENTATIONS}")
+
+
+def flops(impl: str, length: int) -> float:
+    """Matmul work of one forward + backward of our layers (projections 3x forward, core 14 N W d)."""
+    projections = (4 if impl in ("ours-local", "sdpa") else 3) * 2 * length * D_MODEL * HEADS * D_HEAD
+    width = 2 * CHUNK
+    items = length * (HASHES if impl.startswith("ours-") and impl != "ours-local" else 1)
+    return 3 * projections + 14 * items * width * D_HEAD * HEADS
+
+
+def matmul_ceiling() -> float:
+    """Measured float32 matmul throughput of this machine (FLOP/s), median of 5."""
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * 2048**3 / statistics.median(times)
+
+
+def child(impl: str, length: int) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    for n in (min(1024, length), length):   # warm-up, then the measured step
+        layer = build(impl, n)
+        x = torch.randn(1, n, D_MODEL, requires_grad=True)
+        start = time.perf_counter()
+        layer(x).sum().backward()
+        seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"implementation": impl, "length": length, "seconds": seconds, "peak_rss_mib": peak}))
+
+
+def plot(points: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for impl in IMPLEMENTATIONS:
+        rows = sorted((p["length"], p["seconds"], p["peak_rss_mib"]) for p in points if p["implementation"] == impl)
+        if rows:
+            lengths, seconds, rss = zip(*rows)
+            axes[0].loglog(lengths, seconds, "o-", label=impl)
+            axes[1].loglog(lengths, rss, "o-", label=impl)
+    axes[0].set_ylabel("seconds (forward + backward)")
+    axes[1].set_ylabel("peak RSS (MiB)")
+    for ax in axes:
+        ax.set_xlabel("sequence length")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+    parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per point")
+    parser.add_argument("--plot", help="write a log-log PNG of time and memory against length")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], int(args.child[1]))
+        return
+    ceiling = matmul_ceiling()
+    print(json.dumps({"matmul_ceiling_gflops": round(ceiling / 1e9, 1)}), flush=True)
+    points = []
+    for length in args.lengths:
+        for impl in args.implementations:
+            runs = []
+            for _ in range(args.repeats):
+                try:
+                    out = subprocess.run([sys.executable, __file__, "--child", impl, str(length)],
+                                         capture_output=True, text=True, timeout=args.timeout)
+                except subprocess.TimeoutExpired:
+                    break
+                if out.returncode != 0:
+                    print(json.dumps({"implementation": impl, "length": length,
+                                      "error": out.stderr.strip().splitlines()[-1:]}), flush=True)
+                    break
+                runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            if not runs:
+                continue
+            point = {"implementation": impl, "length": length, "repeats": len(runs),
+                     "seconds": statistics.median(r["seconds"] for r in runs),
+                     "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs)}
+            if impl.startswith("ours") or impl == "sdpa":
+                work = flops(impl, length) if impl != "sdpa" else None
+                if work:
+                    point["gflop"] = round(work / 1e9, 1)
+                    point["fraction_of_ceiling"] = round(work / point["seconds"] / ceiling, 3)
+            points.append(point)
+            print(json.dumps(point), flush=True)
+    if args.plot:
+        plot(points, args.plot)
+
+
+if __name__ == "__main__":
+    main()

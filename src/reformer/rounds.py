@@ -1,0 +1,123 @@
+"""Sorting by bucket, and LSH attention one hashing round at a time.
+
+In the "bucket" window no query ever sees an item of another round, so the rounds can be attended
+one after the other and combined on the fly: an online softmax over rounds (as flash attention does
+over key blocks) keeps one round's sorted copies in memory instead of n_hashes of them, and backward
+recomputes each round instead of storing it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .banded import Band, Items, banded_backward, banded_forward, dropout_seed
+
+
+def sort_by_bucket(buckets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Order items by (round, bucket, position).
+
+    buckets: (batch, heads, rounds, length). Returns, each (batch, heads, rounds * length):
+    order (index r * length + position of each sorted item), the sorted items' positions and their
+    bucket ids.
+    """
+    length = buckets.shape[-1]
+    positions = torch.arange(length, device=buckets.device)
+    keys = (buckets * length + positions).flatten(2)   # unique, so the sort is deterministic
+    sorted_keys, order = torch.sort(keys, dim=-1)
+    return order, sorted_keys % length, sorted_keys // length
+
+
+def gather_items(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (batch, heads, length, d) at index (batch, heads, m) -> (batch, heads, m, d)."""
+    return x.gather(2, index[..., None].expand(*index.shape, x.shape[-1]))
+
+
+def unsort(order: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Undo ``sort_by_bucket``: put sorted items (batch, heads, rounds * length, ...) back in place."""
+    undo = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
+                                            .expand_as(order))
+    return [t.gather(2, undo) if t.dim() == 3 else gather_items(t, undo) for t in tensors]
+
+
+def _sorted_round(band: Band, q, k, v, buckets: torch.Tensor, valid: torch.Tensor | None):
+    """One round's items in bucket order, chunked, and the positions they came from (B, H, L)."""
+    _, positions, sorted_buckets = sort_by_bucket(buckets[:, :, None])
+    sorted_valid = None if valid is None else valid[:, None, :].expand(-1, q.shape[1], -1).gather(2, positions)
+    items = Items.chunked(band, gather_items(q, positions), gather_items(k, positions),
+                          gather_items(v, positions), positions, sorted_buckets, sorted_valid)
+    return items, positions
+
+
+def _scatter(positions: torch.Tensor, sorted_values: torch.Tensor) -> torch.Tensor:
+    """Sorted (B, H, L[, d]) values back to their positions."""
+    index = positions if sorted_values.dim() == 3 else positions[..., None].expand_as(sorted_values)
+    return torch.empty_like(sorted_values).scatter_(2, index, sorted_values)
+
+
+def _round_weights(lse: torch.Tensor, has_other: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Weight of a round in the combination: softmax over the rounds in which the query saw others."""
+    return torch.exp(lse.masked_fill(~has_other, float("-inf")) - total)
+
+
+class _LSHByRound(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, buckets, valid, band, dropout, seed):
+        batch, heads, rounds, length = buckets.shape
+        acc = torch.zeros_like(v)
+        best = q.new_full((batch, heads, length), float("-inf"))
+        norm = q.new_zeros((batch, heads, length))
+        for r in range(rounds):
+            items, positions = _sorted_round(band, q, k, v, buckets[:, :, r], valid)
+            out, lse, has_other = banded_forward(band, items, dropout, seed + r)
+            out, lse, has_other = (_scatter(positions, t.flatten(2, 3)) for t in (out, lse, has_other))
+            score = lse.masked_fill(~has_other, float("-inf"))
+            new_best = torch.maximum(best, score)
+            seen = torch.isfinite(new_best)
+            rescale = torch.where(seen, torch.exp(best - new_best), 1.0)
+            weight = torch.where(seen, torch.exp(score - new_best), 0.0)
+            acc = acc * rescale[..., None] + weight[..., None] * out
+            norm, best = norm * rescale + weight, new_best
+        any_other = norm > 0
+        # A query that saw only itself in every round returns its own value, exactly.
+        out = torch.where(any_other[..., None], acc / norm.clamp_min(1e-30)[..., None], v)
+        total = best + torch.log(norm)
+        ctx.save_for_backward(q, k, v, buckets, valid, out, total, any_other)
+        ctx.band, ctx.dropout, ctx.seed = band, dropout, seed
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, buckets, valid, out, total, any_other = ctx.saved_tensors
+        band, c = ctx.band, ctx.band.chunk_length
+        d_q, d_k, d_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for r in range(buckets.shape[2]):
+            items, positions = _sorted_round(band, q, k, v, buckets[:, :, r], valid)
+            out_sorted, lse, has_other = banded_forward(band, items, ctx.dropout, ctx.seed + r)
+            weight = _round_weights(lse.flatten(2, 3), has_other.flatten(2, 3), total.gather(2, positions))
+            weight = weight.masked_fill(~any_other.gather(2, positions), 0.0)
+            d_out_sorted = gather_items(d_out, positions)
+            round_out = out_sorted.flatten(2, 3)
+            d_round = weight[..., None] * d_out_sorted
+            d_lse = weight * ((round_out - gather_items(out, positions)) * d_out_sorted).sum(dim=-1)
+            grads = banded_backward(band, items, out_sorted, d_round.unflatten(2, (-1, c)),
+                                    d_lse.unflatten(2, (-1, c)), ctx.dropout, ctx.seed + r)
+            index = positions[..., None].expand(*positions.shape, q.shape[-1])
+            for total_grad, grad in zip((d_q, d_k, d_v), grads):
+                total_grad.scatter_add_(2, index, grad.flatten(2, 3))
+        d_v += torch.where(any_other[..., None], 0.0, d_out)
+        return d_q, d_k, d_v, None, None, None, None, None
+
+
+def lsh_attention_by_round(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor,
+                           band: Band, key_valid: torch.Tensor | None = None, dropout: float = 0.0,
+                           training: bool = False) -> torch.Tensor:
+    """LSH attention with a "bucket" window, rounds attended one at a time and combined.
+
+    q, k, v: (batch, heads, length, d_head), length a multiple of the chunk; keys already normalised.
+    buckets: (batch, heads, rounds, length) ids, unique across rounds (``hash_with_padding``).
+    key_valid: (batch, length) bool or None. Returns (batch, heads, length, d_head).
+    """
+    if band.wrap or not band.same_bucket:
+        raise ValueError("lsh_attention_by_round needs a band with same_bucket=True and no wrap-around")
+    dropout = dropout if training else 0.0
+    return _LSHByRound.apply(q, k, v, buckets, key_valid, band, dropout, dropout_seed() if dropout else 0)

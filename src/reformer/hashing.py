@@ -47,6 +47,9 @@ def derive_seed(*parts: int) -> int:
     return x % 2**63
 
 
+HASH_BLOCK_ELEMENTS = 1 << 24   # rotated values computed at once (64 MiB in float32)
+
+
 def hash_vectors(vectors: torch.Tensor, rotations: torch.Tensor,
                  n_buckets: int | tuple[int, int]) -> torch.Tensor:
     """Bucket ids of every vector in every round.
@@ -54,17 +57,30 @@ def hash_vectors(vectors: torch.Tensor, rotations: torch.Tensor,
     vectors: (batch, heads, length, d_head); rotations: (heads, d_head, n_hashes, rotation_width).
     Returns (batch, heads, n_hashes, length) int64 ids in [0, total buckets).
     Factorised buckets (a, b): hash into a and b buckets with separate columns, bucket = i + a * j.
+    The rotated vectors (length x buckets / 2 per round and head) are formed a block of positions at a
+    time: at 64K tokens and 2,048 buckets they would take 4 GiB at once.
     """
+    batch, heads, length, _ = vectors.shape
+    n_hashes = rotations.shape[2]
     if n_buckets == 1:
-        return vectors.new_zeros((*vectors.shape[:2], rotations.shape[2], vectors.shape[2]), dtype=torch.long)
-    rotated = torch.einsum("bhld,hdrk->bhrlk", vectors.detach(), rotations.to(vectors))
+        return vectors.new_zeros((batch, heads, n_hashes, length), dtype=torch.long)
+    rotations = rotations.to(vectors)
     factors = n_buckets if isinstance(n_buckets, tuple) else (n_buckets,)
-    buckets, start, scale = None, 0, 1
-    for factor in factors:
-        part = rotated[..., start:start + factor // 2]
-        ids = torch.cat([part, -part], dim=-1).argmax(dim=-1)
-        buckets = ids if buckets is None else buckets + scale * ids
-        start, scale = start + factor // 2, scale * factor
+    buckets = torch.empty((batch, heads, n_hashes, length), dtype=torch.long, device=vectors.device)
+    step = max(1, HASH_BLOCK_ELEMENTS // (batch * heads * n_hashes * rotations.shape[-1]))
+    vectors = vectors.detach()
+    for start in range(0, length, step):
+        rotated = torch.einsum("bhld,hdrk->bhrlk", vectors[:, :, start:start + step], rotations)
+        ids, first, scale = None, 0, 1
+        for factor in factors:
+            part = rotated[..., first:first + factor // 2]
+            # argmax over [xR, -xR], without building the concatenation
+            top, top_index = part.max(dim=-1)
+            bottom, bottom_index = part.min(dim=-1)
+            factor_ids = torch.where(top >= -bottom, top_index, bottom_index + factor // 2)
+            ids = factor_ids if ids is None else ids + scale * factor_ids
+            first, scale = first + factor // 2, scale * factor
+        buckets[..., start:start + step] = ids
     return buckets
 
 

@@ -27,9 +27,20 @@ def sort_by_bucket(buckets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return order, sorted_keys % length, sorted_keys // length
 
 
+def _row_index(index: torch.Tensor, length: int) -> torch.Tensor:
+    """(batch, heads, m) positions -> flat row numbers of a (batch * heads * length, d) view."""
+    offsets = torch.arange(index.shape[0] * index.shape[1], device=index.device) * length
+    return (index + offsets.view(index.shape[0], index.shape[1], 1)).flatten()
+
+
 def gather_items(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x (batch, heads, length, d) at index (batch, heads, m) -> (batch, heads, m, d)."""
-    return x.gather(2, index[..., None].expand(*index.shape, x.shape[-1]))
+    """x (batch, heads, length, d) at index (batch, heads, m) -> (batch, heads, m, d).
+
+    A row copy (index_select on the flattened rows): several times faster on the CPU than gather with
+    an index expanded over d.
+    """
+    rows = x.reshape(-1, x.shape[-1]).index_select(0, _row_index(index, x.shape[2]))
+    return rows.view(*index.shape, x.shape[-1])
 
 
 def unsort(order: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -50,8 +61,15 @@ def _sorted_round(band: Band, q, k, v, buckets: torch.Tensor, valid: torch.Tenso
 
 def _scatter(positions: torch.Tensor, sorted_values: torch.Tensor) -> torch.Tensor:
     """Sorted (B, H, L[, d]) values back to their positions."""
-    index = positions if sorted_values.dim() == 3 else positions[..., None].expand_as(sorted_values)
-    return torch.empty_like(sorted_values).scatter_(2, index, sorted_values)
+    flat = sorted_values.reshape(-1, *sorted_values.shape[3:])
+    out = torch.empty_like(flat).index_copy_(0, _row_index(positions, positions.shape[2]), flat)
+    return out.view_as(sorted_values)
+
+
+def _scatter_add(total: torch.Tensor, positions: torch.Tensor, sorted_values: torch.Tensor) -> None:
+    """total (B, H, L, d) += sorted values (B, H, L, d) at their positions, in place."""
+    total.view(-1, total.shape[-1]).index_add_(0, _row_index(positions, total.shape[2]),
+                                               sorted_values.reshape(-1, total.shape[-1]))
 
 
 def _round_weights(lse: torch.Tensor, has_other: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
@@ -62,6 +80,7 @@ def _round_weights(lse: torch.Tensor, has_other: torch.Tensor, total: torch.Tens
 class _LSHByRound(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, buckets, valid, band, dropout, seed):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()   # rows are copied out by index
         batch, heads, rounds, length = buckets.shape
         acc = torch.zeros_like(v)
         best = q.new_full((batch, heads, length), float("-inf"))
@@ -89,7 +108,7 @@ class _LSHByRound(torch.autograd.Function):
     def backward(ctx, d_out):
         q, k, v, buckets, valid, out, total, any_other = ctx.saved_tensors
         band, c = ctx.band, ctx.band.chunk_length
-        d_q, d_k, d_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        d_q, d_k, d_v = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
         for r in range(buckets.shape[2]):
             items, positions = _sorted_round(band, q, k, v, buckets[:, :, r], valid)
             out_sorted, lse, has_other = banded_forward(band, items, ctx.dropout, ctx.seed + r)
@@ -101,9 +120,8 @@ class _LSHByRound(torch.autograd.Function):
             d_lse = weight * ((round_out - gather_items(out, positions)) * d_out_sorted).sum(dim=-1)
             grads = banded_backward(band, items, out_sorted, d_round.unflatten(2, (-1, c)),
                                     d_lse.unflatten(2, (-1, c)), ctx.dropout, ctx.seed + r)
-            index = positions[..., None].expand(*positions.shape, q.shape[-1])
             for total_grad, grad in zip((d_q, d_k, d_v), grads):
-                total_grad.scatter_add_(2, index, grad.flatten(2, 3))
+                _scatter_add(total_grad, positions, grad)
         d_v += torch.where(any_other[..., None], 0.0, d_out)
         return d_q, d_k, d_v, None, None, None, None, None
 

@@ -5,13 +5,19 @@ note the resident memory, run one forward + backward, and report the peak reside
 baseline (weights, gradients and the transient memory of one layer's recomputation included). Prints one
 JSON object per point, then the 12-layer / 2-layer ratio for each mode.
 
-    python benchmarks/memory_depth.py [--length 8192] [--repeats 3]
+The children run with MALLOC_MMAP_THRESHOLD_=65536 so that glibc returns freed blocks of 64 KiB and
+more to the system: otherwise its dynamic threshold keeps freed blocks cached, and peak RSS creeps up
+with the number of allocations made (more layers, more recomputation) rather than with live memory.
+--default-malloc measures with glibc's defaults instead.
+
+    python benchmarks/memory_depth.py [--length 8192] [--repeats 3] [--default-malloc]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -48,20 +54,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--default-malloc", action="store_true", help="keep glibc's malloc defaults")
     parser.add_argument("--child", nargs=3, metavar=("DEPTH", "LENGTH", "REVERSIBLE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(int(args.child[0]), int(args.child[1]), args.child[2] == "1")
         return
+    env = dict(os.environ) if args.default_malloc else {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     medians = {}
     for reversible in (True, False):
         for depth in (2, 6, 12):
             runs = []
             for _ in range(args.repeats):
                 out = subprocess.run([sys.executable, __file__, "--child", str(depth), str(args.length),
-                                      "1" if reversible else "0"], capture_output=True, text=True, check=True)
+                                      "1" if reversible else "0"], capture_output=True, text=True, check=True,
+                                     env=env)
                 runs.append(json.loads(out.stdout))
-            point = {**runs[0], "peak_above_baseline_mib": statistics.median(r["peak_above_baseline_mib"] for r in runs),
+            point = {**runs[0], "malloc": "default" if args.default_malloc else "mmap_threshold_64KiB", "peak_above_baseline_mib": statistics.median(r["peak_above_baseline_mib"] for r in runs),
                      "seconds": statistics.median(r["seconds"] for r in runs), "repeats": args.repeats}
             medians[reversible, depth] = point["peak_above_baseline_mib"]
             print(json.dumps(point), flush=True)

@@ -177,25 +177,32 @@ class LSHSelfAttention(nn.Module):
         return out
 
 
-class LocalSelfAttention(nn.Module):
+class _SeparateQKV(nn.Module):
+    """Projections of attention with separate queries, keys and values (no biases)."""
+
+    def __init__(self, config: ReformerConfig):
+        super().__init__()
+        self.n_heads, self.d_head = config.n_heads, config.d_head
+        inner = config.n_heads * config.d_head
+        self.q = nn.Linear(config.d_model, inner, bias=False)
+        self.k = nn.Linear(config.d_model, inner, bias=False)
+        self.v = nn.Linear(config.d_model, inner, bias=False)
+        self.out = nn.Linear(inner, config.d_model, bias=False)
+
+
+class LocalSelfAttention(_SeparateQKV):
     """Attention within a band of neighbouring chunks of the sequence (separate q, k, v).
 
     forward(x (batch, length, d_model), key_valid (batch, length) bool or None) -> (batch, length, d_model).
     """
 
     def __init__(self, config: ReformerConfig, layer_idx: int = 0):
-        super().__init__()
-        self.n_heads, self.d_head = config.n_heads, config.d_head
+        super().__init__(config)
         self.dropout = config.local_attention_dropout
         # The anchors' local layers wrap around like their LSH chunks; ours stop at the sequence ends.
         self.band = Band(config.local_chunk_length, config.local_n_chunks_before,
                          config.local_n_chunks_after, causal=config.causal,
                          wrap=config.lsh_window == "chunk", anchor_masks=config.lsh_window == "chunk")
-        inner = config.n_heads * config.d_head
-        self.q = nn.Linear(config.d_model, inner, bias=False)
-        self.k = nn.Linear(config.d_model, inner, bias=False)
-        self.v = nn.Linear(config.d_model, inner, bias=False)
-        self.out = nn.Linear(inner, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None,
                 n_hashes: int | None = None) -> torch.Tensor:
@@ -211,21 +218,16 @@ class LocalSelfAttention(nn.Module):
         return self.out(merge_heads(out))[:, :length]
 
 
-class FullSelfAttention(nn.Module):
+class FullSelfAttention(_SeparateQKV):
     """Ordinary softmax attention over the whole sequence, through scaled_dot_product_attention.
 
     forward(x (batch, length, d_model), key_valid (batch, length) bool or None) -> (batch, length, d_model).
     """
 
     def __init__(self, config: ReformerConfig, layer_idx: int = 0):
-        super().__init__()
-        self.n_heads, self.causal = config.n_heads, config.causal
+        super().__init__(config)
+        self.causal = config.causal
         self.dropout = config.attention_dropout
-        inner = config.n_heads * config.d_head
-        self.q = nn.Linear(config.d_model, inner, bias=False)
-        self.k = nn.Linear(config.d_model, inner, bias=False)
-        self.v = nn.Linear(config.d_model, inner, bias=False)
-        self.out = nn.Linear(inner, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None,
                 n_hashes: int | None = None) -> torch.Tensor:

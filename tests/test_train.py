@@ -1,6 +1,7 @@
 """Training: exact resume after kill -9, atomic checkpoints, DDP equivalence, clear errors."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -216,3 +217,24 @@ def test_distributed_step_equals_single_process_step(corpus_file, tmp_path):
         torch.testing.assert_close(grad_ddp, grad_single, atol=1e-5, rtol=0, msg=name)
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0, msg=name)
     assert (tmp_path / "ddp" / "checkpoints").is_dir() and len(list((tmp_path / "ddp").glob("**/state.pt"))) == 1
+
+    # Resume works the same under torchrun: both runs continue to step 2 and still agree.
+    single = cli("train", "--resume", tmp_path / "single", "--steps", 2, "--quiet")
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29534", "-m", "reformer", "train", "--resume", str(tmp_path / "ddp"),
+                          "--steps", "2", "--quiet"], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one, two = load_model(tmp_path / "single").state_dict(), load_model(tmp_path / "ddp").state_dict()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0, msg=name)
+    assert step_losses(tmp_path / "ddp")[2] == pytest.approx(step_losses(tmp_path / "single")[2], abs=1e-5)
+
+
+def test_bf16_autocast_trains(corpus_file, tmp_path):
+    records = train(tmp_path, ReformerConfig.preset("tiny"),
+                    TrainConfig(data=str(corpus_file), steps=3, batch_size=2, seq_len=64, bf16=True,
+                                eval_every=3, checkpoint_every=3), progress=False)
+    assert all(math.isfinite(r.get("loss", 0.0)) for r in records)
+    assert math.isfinite(records[-1]["valid_bpb"])

@@ -12,18 +12,19 @@ MODELS = {
     "local": dict(attn_layers="local", n_layers=2),
     "full": dict(attn_layers="full", n_layers=2),
     "mixed": dict(attn_layers=("local", "lsh", "full", "lsh"), n_layers=4, n_hashes=2, n_buckets=(2, 4)),
+    "few-buckets": dict(attn_layers="lsh", n_layers=2, n_hashes=3, n_buckets=2),   # buckets overflow W
 }
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_cached_logits_equal_full_forward_at_every_step(name):
+@pytest.mark.parametrize("prompt", [5, 40])
+def test_cached_logits_equal_full_forward_at_every_step(name, prompt):
     torch.manual_seed(0)
     model = ReformerLM(tiny(init_std=0.2, **MODELS[name])).eval()
     ids = torch.randint(0, 64, (2, 70))
     with torch.no_grad():
         full = model(ids)
     decoder = Decoder(model)
-    prompt = 5
     steps = [decoder.prefill(ids[:, :prompt])]
     for t in range(prompt, ids.shape[1]):
         steps.append(decoder.step(ids[:, t]))

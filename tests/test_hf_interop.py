@@ -128,3 +128,11 @@ def test_bucket_window_models_refuse_export(tmp_path):
 
     with pytest.raises(ValueError, match="lsh_window"):
         ReformerLM(tiny()).save_hf(tmp_path)
+
+
+def test_import_from_pytorch_model_bin(tmp_path):
+    hf = hf_model("enwik8")
+    (tmp_path / "config.json").write_text(json.dumps(hf.config.to_dict()))
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    ids = torch.randint(0, 64, (1, 50))
+    assert_parity("enwik8 from pytorch_model.bin", hf, ReformerLM.from_hf(tmp_path), ids)

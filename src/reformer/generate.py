@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .attention import (FullSelfAttention, LocalSelfAttention, LSHSelfAttention, combine_rounds,
                         merge_heads, normalize_keys, split_heads)
-from .hashing import hash_vectors
+from .hashing import hash_vectors, total_buckets
 from .model import ReformerLM
 
 
@@ -49,37 +49,76 @@ class _Growing:
 
 
 class LSHCache:
+    """Keys, values, and per (round, bucket) a ring of the last ``window`` positions hashed there.
+
+    A step looks up the ring of its bucket in each round: O(rounds x window) work, whatever the context.
+    """
+
     def __init__(self, layer: LSHSelfAttention):
         self.layer = layer
-        self.keys, self.values, self.buckets = _Growing(2), _Growing(2), _Growing(3)
+        self.window = layer.band.before * layer.band.chunk_length
+        self.keys, self.values = _Growing(2), _Growing(2)
         self.rotations = layer.rotations(layer.n_hashes)   # eval mode: the fixed rotations
+        self.n_buckets = total_buckets(layer.n_buckets)
+        self.ring = self.count = None
 
     def _project(self, h: torch.Tensor):
-        qk = split_heads(self.layer.qk(h), self.layer.n_heads)
+        layer = self.layer
+        qk = split_heads(layer.qk(h), layer.n_heads)
         self.keys.append(normalize_keys(qk))
-        self.values.append(split_heads(self.layer.v(h), self.layer.n_heads))
-        buckets = hash_vectors(qk, self.rotations, self.layer.n_buckets)   # (B, H, R, n)
-        self.buckets.append(buckets)
-        return qk, buckets
+        self.values.append(split_heads(layer.v(h), layer.n_heads))
+        return qk, hash_vectors(qk, self.rotations, layer.n_buckets)      # (B, H, R, n)
 
     def prefill(self, h: torch.Tensor) -> None:
-        self._project(h)
+        _, buckets = self._project(h)
+        batch, heads, rounds, length = buckets.shape
+        self.count = torch.zeros(batch, heads, rounds, self.n_buckets, dtype=torch.long, device=h.device)
+        self.count.scatter_add_(-1, buckets, torch.ones_like(buckets))
+        # Each position's rank among the earlier members of its bucket decides its ring slot; only the
+        # last ``window`` members of a bucket stay (the others go to a spare last slot, then dropped).
+        sorted_keys, _ = torch.sort(buckets * length + torch.arange(length, device=h.device), dim=-1)
+        sorted_buckets, positions = sorted_keys // length, sorted_keys % length
+        starts = (self.count.cumsum(-1) - self.count).gather(-1, sorted_buckets)
+        rank = torch.arange(length, device=h.device) - starts
+        keep = rank >= self.count.gather(-1, sorted_buckets) - self.window
+        spare = self.n_buckets * self.window
+        slot = torch.where(keep, sorted_buckets * self.window + rank % self.window, spare)
+        ring = torch.full((batch, heads, rounds, spare + 1), -1, dtype=torch.long, device=h.device)
+        self.ring = ring.scatter_(-1, slot, positions)[..., :spare].contiguous()
 
     def step(self, h: torch.Tensor) -> torch.Tensor:
         """h (batch, 1, d_model) -> (batch, 1, d_model)."""
         layer = self.layer
-        qk, bucket = self._project(h)
-        keys, values, buckets = self.keys.view(), self.values.view(), self.buckets.view()
-        logits = (qk @ keys.transpose(-1, -2))[:, :, None]          # (B, H, 1, 1, T)
-        earlier = buckets[..., :-1] == bucket                        # (B, H, R, T - 1)
-        later_matches = earlier.flip(-1).cumsum(-1).flip(-1)         # same-bucket items from s on
-        window = earlier & (later_matches <= layer.band.before * layer.band.chunk_length)
-        has_other = window.any(dim=-1, keepdim=True)                 # (B, H, R, 1)
-        allowed = torch.cat([window, ~has_other], dim=-1)[..., None, :]
-        logits = logits.expand(*allowed.shape[:3], 1, -1).masked_fill(~allowed, float("-inf"))
-        lse = torch.logsumexp(logits, dim=-1)                        # (B, H, R, 1)
-        out = torch.exp(logits - lse[..., None]) @ values[:, :, None]  # (B, H, R, 1, d)
-        return layer.out(merge_heads(combine_rounds(out, lse, has_other)))
+        qk, bucket = self._project(h)                                   # bucket (B, H, R, 1)
+        t = self.keys.length - 1
+        slots = bucket * self.window + torch.arange(self.window, device=h.device)
+        members = self.ring.gather(-1, slots)                           # (B, H, R, window), -1 = empty
+        present = members >= 0
+        keys = _rows(self.keys.view(), members.clamp_min(0))            # (B, H, R, window, d)
+        values = _rows(self.values.view(), members.clamp_min(0))
+        logits = (keys @ qk[:, :, None].transpose(-1, -2))[..., 0]      # (B, H, R, window)
+        logits = logits.masked_fill(~present, float("-inf"))
+        has_other = present.any(dim=-1, keepdim=True)                   # (B, H, R, 1)
+        self_logit = (qk * self.keys.view()[:, :, t:]).sum(-1, keepdim=True)  # (B, H, 1, 1)
+        self_logit = self_logit.expand_as(has_other).masked_fill(has_other, float("-inf"))
+        logits = torch.cat([logits, self_logit], dim=-1)
+        values = torch.cat([values, self.values.view()[:, :, t:, None].expand(-1, -1, values.shape[2], -1, -1)],
+                           dim=-2)
+        probs = torch.softmax(logits, dim=-1)
+        lse = logits.amax(dim=-1) - torch.log(probs.amax(dim=-1))       # as in the banded core
+        out = (probs[..., None, :] @ values)                             # (B, H, R, 1, d)
+        combined = combine_rounds(out, lse[..., None], has_other)
+        # Remember position t in the ring of its bucket, replacing the oldest member.
+        index = bucket * self.window + self.count.gather(-1, bucket) % self.window
+        self.ring.scatter_(-1, index, torch.full_like(index, t))
+        self.count.scatter_add_(-1, bucket, torch.ones_like(bucket))
+        return layer.out(merge_heads(combined))
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, d) at index (B, H, R, W) -> (B, H, R, W, d)."""
+    flat = index.flatten(2)
+    return x.gather(2, flat[..., None].expand(*flat.shape, x.shape[-1])).view(*index.shape, x.shape[-1])
 
 
 class LocalCache:

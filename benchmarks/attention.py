@@ -2,6 +2,8 @@
 
 Layers (batch 1, d_model 256, 4 heads x 64, LayerNorm + attention + output projection):
     ours-bucket   our LSHSelfAttention, lsh_window="bucket" (4 rounds, chunk 64)
+Buckets follow transformers' rule for each length (factorised from 16K tokens on: 16 x 32, 32 x 64),
+for our layers and transformers' alike; reformer_pytorch derives its own (length / 64, unfactorised).
     ours-chunk    our LSHSelfAttention, lsh_window="chunk" (the anchors' semantics)
     ours-local    our LocalSelfAttention (chunk 64, one chunk back)
     hf            transformers' ReformerAttention with its LSHSelfAttention (4 rounds, chunk 64)
@@ -30,8 +32,11 @@ D_MODEL, HEADS, D_HEAD, HASHES, CHUNK = 256, 4, 64, 4, 64
 IMPLEMENTATIONS = ("ours-bucket", "ours-chunk", "ours-local", "hf", "lucidrains", "sdpa")
 
 
-def n_buckets(length: int) -> int:
-    return max(2, 1 << ((2 * length // CHUNK).bit_length() - 1))   # transformers' rule
+def n_buckets(length: int) -> int | tuple[int, int]:
+    """transformers' rule for num_buckets=None: 2^floor(log2(2L / chunk)), factorised above its limit."""
+    power = (2 * length // CHUNK).bit_length() - 1
+    limit = 2 * max(int((length // CHUNK) ** 0.5), CHUNK)
+    return (2 ** (power // 2), 2 ** (power - power // 2)) if 2**power > limit else max(2, 2**power)
 
 
 def build(impl: str, length: int):
@@ -54,7 +59,8 @@ def build(impl: str, length: int):
 
         cfg = HFConfig(hidden_size=D_MODEL, num_attention_heads=HEADS, attention_head_size=D_HEAD,
                        attn_layers=["lsh"], num_hashes=HASHES, lsh_attn_chunk_length=CHUNK,
-                       num_buckets=n_buckets(length), is_decoder=True, max_position_embeddings=length,
+                       num_buckets=list(n_buckets(length)) if isinstance(n_buckets(length), tuple)
+                       else n_buckets(length), is_decoder=True, max_position_embeddings=length,
                        lsh_attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
         layer = ReformerAttention(cfg).train()
         return lambda x: layer(x).hidden_states

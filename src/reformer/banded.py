@@ -186,7 +186,7 @@ def _probabilities(band: Band, logits: torch.Tensor, allowed: torch.Tensor, is_s
     return probs, logits.amax(dim=-1) - torch.log(probs.amax(dim=-1))
 
 
-BLOCK_ELEMENTS = 1 << 22   # scores computed at once: bounds the core's working memory (~16 MiB each)
+BLOCK_ELEMENTS = 1 << 20   # scores computed at once: bounds the core's working memory (4 MiB each)
 
 
 def _blocks(band: Band, items: Items):

@@ -37,10 +37,17 @@ def gather_items(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (batch, heads, length, d) at index (batch, heads, m) -> (batch, heads, m, d).
 
     A row copy (index_select on the flattened rows): several times faster on the CPU than gather with
-    an index expanded over d.
+    an index expanded over d. Reads x in place when it is contiguous, or a head-split view of a
+    contiguous (batch, length, heads, d) projection; copies it otherwise.
     """
-    rows = x.reshape(-1, x.shape[-1]).index_select(0, _row_index(index, x.shape[2]))
-    return rows.view(*index.shape, x.shape[-1])
+    batch, heads, length, d = x.shape
+    if x.transpose(1, 2).is_contiguous():        # (B, L, H, d) memory, as split_heads leaves it
+        rows = index * heads + torch.arange(heads, device=index.device)[None, :, None]
+        rows = rows + (torch.arange(batch, device=index.device) * length * heads)[:, None, None]
+        flat = x.transpose(1, 2).reshape(-1, d)
+    else:
+        rows, flat = _row_index(index, length), x.contiguous().view(-1, d)
+    return flat.index_select(0, rows.flatten()).view(*index.shape, d)
 
 
 def unsort(order: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -77,29 +84,63 @@ def _round_weights(lse: torch.Tensor, has_other: torch.Tensor, total: torch.Tens
     return torch.exp(lse.masked_fill(~has_other, float("-inf")) - total)
 
 
+def _heads_forward(q, k, v, buckets, valid, band: Band, dropout: float, seed: int):
+    """Rounds one after the other, combined by an online softmax. Returns out, total lse, any_other."""
+    batch, heads, rounds, length = buckets.shape
+    acc = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+    best = q.new_full((batch, heads, length), float("-inf"))
+    norm = q.new_zeros((batch, heads, length))
+    for r in range(rounds):
+        items, positions = _sorted_round(band, q, k, v, buckets[:, :, r], valid)
+        out, lse, has_other = banded_forward(band, items, dropout, seed + r)
+        out, lse, has_other = (_scatter(positions, t.flatten(2, 3)) for t in (out, lse, has_other))
+        score = lse.masked_fill(~has_other, float("-inf"))
+        new_best = torch.maximum(best, score)
+        seen = torch.isfinite(new_best)
+        rescale = torch.where(seen, torch.exp(best - new_best), 1.0)
+        weight = torch.where(seen, torch.exp(score - new_best), 0.0)
+        acc = acc * rescale[..., None] + weight[..., None] * out
+        norm, best = norm * rescale + weight, new_best
+    any_other = norm > 0
+    # A query that saw only itself in every round returns its own value, exactly.
+    out = torch.where(any_other[..., None], acc / norm.clamp_min(1e-30)[..., None], v)
+    return out, best + torch.log(norm), any_other
+
+
+def _heads_backward(q, k, v, buckets, valid, out, total, any_other, d_out, band: Band, dropout: float,
+                    seed: int):
+    """Gradients (dq, dk, dv) of ``_heads_forward``, recomputing each round."""
+    c = band.chunk_length
+    d_q, d_k, d_v = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    for r in range(buckets.shape[2]):
+        items, positions = _sorted_round(band, q, k, v, buckets[:, :, r], valid)
+        out_sorted, lse, has_other = banded_forward(band, items, dropout, seed + r)
+        weight = _round_weights(lse.flatten(2, 3), has_other.flatten(2, 3), total.gather(2, positions))
+        weight = weight.masked_fill(~any_other.gather(2, positions), 0.0)
+        d_out_sorted = gather_items(d_out, positions)
+        d_round = weight[..., None] * d_out_sorted
+        d_lse = weight * ((out_sorted.flatten(2, 3) - gather_items(out, positions)) * d_out_sorted).sum(dim=-1)
+        grads = banded_backward(band, items, out_sorted, d_round.unflatten(2, (-1, c)),
+                                d_lse.unflatten(2, (-1, c)), dropout, seed + r)
+        for total_grad, grad in zip((d_q, d_k, d_v), grads):
+            _scatter_add(total_grad, positions, grad)
+    d_v += torch.where(any_other[..., None], 0.0, d_out)
+    return d_q, d_k, d_v
+
+
 class _LSHByRound(torch.autograd.Function):
+    """Heads one at a time, rounds one at a time: memory holds one (head, round) of sorted copies."""
+
     @staticmethod
     def forward(ctx, q, k, v, buckets, valid, band, dropout, seed):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()   # rows are copied out by index
-        batch, heads, rounds, length = buckets.shape
-        acc = torch.zeros_like(v)
-        best = q.new_full((batch, heads, length), float("-inf"))
-        norm = q.new_zeros((batch, heads, length))
-        for r in range(rounds):
-            items, positions = _sorted_round(band, q, k, v, buckets[:, :, r], valid)
-            out, lse, has_other = banded_forward(band, items, dropout, seed + r)
-            out, lse, has_other = (_scatter(positions, t.flatten(2, 3)) for t in (out, lse, has_other))
-            score = lse.masked_fill(~has_other, float("-inf"))
-            new_best = torch.maximum(best, score)
-            seen = torch.isfinite(new_best)
-            rescale = torch.where(seen, torch.exp(best - new_best), 1.0)
-            weight = torch.where(seen, torch.exp(score - new_best), 0.0)
-            acc = acc * rescale[..., None] + weight[..., None] * out
-            norm, best = norm * rescale + weight, new_best
-        any_other = norm > 0
-        # A query that saw only itself in every round returns its own value, exactly.
-        out = torch.where(any_other[..., None], acc / norm.clamp_min(1e-30)[..., None], v)
-        total = best + torch.log(norm)
+        out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        total = q.new_empty(buckets.shape[:2] + buckets.shape[3:])
+        any_other = torch.empty(total.shape, dtype=torch.bool, device=q.device)
+        for h in range(q.shape[1]):
+            part = slice(h, h + 1)
+            out[:, part], total[:, part], any_other[:, part] = _heads_forward(
+                q[:, part], k[:, part], v[:, part], buckets[:, part], valid, band, dropout,
+                seed + h * buckets.shape[2])
         ctx.save_for_backward(q, k, v, buckets, valid, out, total, any_other)
         ctx.band, ctx.dropout, ctx.seed = band, dropout, seed
         return out
@@ -107,23 +148,15 @@ class _LSHByRound(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, buckets, valid, out, total, any_other = ctx.saved_tensors
-        band, c = ctx.band, ctx.band.chunk_length
-        d_q, d_k, d_v = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-        for r in range(buckets.shape[2]):
-            items, positions = _sorted_round(band, q, k, v, buckets[:, :, r], valid)
-            out_sorted, lse, has_other = banded_forward(band, items, ctx.dropout, ctx.seed + r)
-            weight = _round_weights(lse.flatten(2, 3), has_other.flatten(2, 3), total.gather(2, positions))
-            weight = weight.masked_fill(~any_other.gather(2, positions), 0.0)
-            d_out_sorted = gather_items(d_out, positions)
-            round_out = out_sorted.flatten(2, 3)
-            d_round = weight[..., None] * d_out_sorted
-            d_lse = weight * ((round_out - gather_items(out, positions)) * d_out_sorted).sum(dim=-1)
-            grads = banded_backward(band, items, out_sorted, d_round.unflatten(2, (-1, c)),
-                                    d_lse.unflatten(2, (-1, c)), ctx.dropout, ctx.seed + r)
-            for total_grad, grad in zip((d_q, d_k, d_v), grads):
-                _scatter_add(total_grad, positions, grad)
-        d_v += torch.where(any_other[..., None], 0.0, d_out)
-        return d_q, d_k, d_v, None, None, None, None, None
+        grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
+        for h in range(q.shape[1]):
+            part = slice(h, h + 1)
+            for grad, head_grad in zip(grads, _heads_backward(
+                    q[:, part], k[:, part], v[:, part], buckets[:, part], valid, out[:, part], total[:, part],
+                    any_other[:, part], d_out[:, part], ctx.band, ctx.dropout,
+                    ctx.seed + h * buckets.shape[2])):
+                grad[:, part] = head_grad
+        return (*grads, None, None, None, None, None)
 
 
 def lsh_attention_by_round(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor,

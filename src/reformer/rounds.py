@@ -128,19 +128,28 @@ def _heads_backward(q, k, v, buckets, valid, out, total, any_other, d_out, band:
     return d_q, d_k, d_v
 
 
+HEAD_GROUP_ELEMENTS = 1 << 20   # q values of the heads attended together (4 MiB in float32)
+
+
+def _head_groups(q: torch.Tensor) -> list[slice]:
+    """Heads in groups small enough that one group's sorted copies stay near HEAD_GROUP_ELEMENTS."""
+    batch, heads, length, d = q.shape
+    size = max(1, HEAD_GROUP_ELEMENTS // (batch * length * d))
+    return [slice(h, min(h + size, heads)) for h in range(0, heads, size)]
+
+
 class _LSHByRound(torch.autograd.Function):
-    """Heads one at a time, rounds one at a time: memory holds one (head, round) of sorted copies."""
+    """Heads a group at a time, rounds one at a time: memory holds one group's round of sorted copies."""
 
     @staticmethod
     def forward(ctx, q, k, v, buckets, valid, band, dropout, seed):
         out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         total = q.new_empty(buckets.shape[:2] + buckets.shape[3:])
         any_other = torch.empty(total.shape, dtype=torch.bool, device=q.device)
-        for h in range(q.shape[1]):
-            part = slice(h, h + 1)
+        for part in _head_groups(q):
             out[:, part], total[:, part], any_other[:, part] = _heads_forward(
                 q[:, part], k[:, part], v[:, part], buckets[:, part], valid, band, dropout,
-                seed + h * buckets.shape[2])
+                seed + part.start * buckets.shape[2])
         ctx.save_for_backward(q, k, v, buckets, valid, out, total, any_other)
         ctx.band, ctx.dropout, ctx.seed = band, dropout, seed
         return out
@@ -149,12 +158,11 @@ class _LSHByRound(torch.autograd.Function):
     def backward(ctx, d_out):
         q, k, v, buckets, valid, out, total, any_other = ctx.saved_tensors
         grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
-        for h in range(q.shape[1]):
-            part = slice(h, h + 1)
+        for part in _head_groups(q):
             for grad, head_grad in zip(grads, _heads_backward(
                     q[:, part], k[:, part], v[:, part], buckets[:, part], valid, out[:, part], total[:, part],
                     any_other[:, part], d_out[:, part], ctx.band, ctx.dropout,
-                    ctx.seed + h * buckets.shape[2])):
+                    ctx.seed + part.start * buckets.shape[2])):
                 grad[:, part] = head_grad
         return (*grads, None, None, None, None, None)
 

@@ -35,7 +35,6 @@ def n_buckets(length: int) -> int | tuple[int, int]:
 
 def build(impl: str, length: int, n_hashes: int):
     """(model, loss function of a batch)."""
-    import torch
 
     if impl in ("ours", "full"):
         from reformer import ReformerConfig, ReformerLM

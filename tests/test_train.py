@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from reformer import ReformerConfig, ReformerLM
-from reformer import checkpoint as ckpt
 from reformer.checkpoint import CheckpointError, load_checkpoint, load_model
 from reformer.data import Corpus, window_batch
 from reformer.train import TrainConfig, lr_factor, train

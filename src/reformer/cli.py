@@ -7,7 +7,6 @@ folder that is not a run) end with exit status 2 and one line saying what is wro
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import sys

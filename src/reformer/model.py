@@ -148,9 +148,8 @@ class ReformerLM(nn.Module):
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {tuple(labels.shape)}")
-        mask = self.check_inputs(input_ids, attention_mask)
-        if mask is not None:
-            labels = labels.masked_fill(~mask, IGNORE_INDEX)
+        if attention_mask is not None:   # already validated by the forward pass above
+            labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
         if self.config.causal:
             if input_ids.shape[1] < 2:
                 raise ValueError("next-token loss needs sequences of at least 2 tokens")

@@ -83,3 +83,5 @@ def test_bad_sampling_arguments(kwargs, message):
         generate(model, [1], max_new_tokens=2, **kwargs)
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [], max_new_tokens=2)
+    with pytest.raises(ValueError, match="causal"):
+        generate(ReformerLM(tiny(causal=False)), [1], max_new_tokens=2)

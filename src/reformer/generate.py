@@ -238,6 +238,9 @@ def generate(model: ReformerLM, prompt: Iterable[int] | torch.Tensor, max_new_to
     Stops early at a token in ``stop`` (it is included) or when the context reaches max_seq_len.
     ``on_token`` is called with each new token as soon as it is drawn (for streaming).
     """
+    if not model.config.causal:
+        raise ValueError("generation needs a causal model; this one is a bidirectional encoder "
+                         "(config.causal=False)")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:

@@ -24,7 +24,7 @@ from torch import nn
 from .banded import Band, banded_attention
 from .config import ReformerConfig
 from .hashing import derive_seed, draw_rotations, hash_vectors, total_buckets
-from .rounds import gather_items, lsh_attention_by_round, sort_by_bucket, unsort
+from .rounds import gather_items, lsh_attention_by_round, sort_by_bucket, sorted_validity, unsort
 
 
 def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -153,11 +153,10 @@ class LSHSelfAttention(nn.Module):
 
         # The anchors' chunk window spans rounds (wrap-around): attend all rounds in one sorted sequence.
         order, positions, sorted_buckets = sort_by_bucket(buckets)
-        valid = None if key_valid is None else key_valid[:, None, :].expand(-1, self.n_heads, -1) \
-            .gather(2, positions)
         out, lse, has_other = banded_attention(
             gather_items(qk, positions), gather_items(normalize_keys(qk), positions),
-            gather_items(v, positions), positions, self.band, buckets=sorted_buckets, key_valid=valid,
+            gather_items(v, positions), positions, self.band, buckets=sorted_buckets,
+            key_valid=sorted_validity(key_valid, positions),
             dropout=self.dropout, training=self.training)
         out, lse, has_other = unsort(order, out, lse, has_other)
 

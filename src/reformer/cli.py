@@ -79,9 +79,6 @@ def _model_config(args) -> ReformerConfig:
             overrides[name] = getattr(args, name)
     if args.no_reversible:
         overrides["reversible"] = False
-    if "max_seq_len" not in overrides and args.seq_len > ReformerConfig.preset(args.preset).max_seq_len:
-        raise UsageError(f"--seq-len {args.seq_len} exceeds the model's max_seq_len "
-                         f"({ReformerConfig.preset(args.preset).max_seq_len}); raise --max-seq-len")
     return ReformerConfig.preset(args.preset, **overrides)
 
 

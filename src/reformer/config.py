@@ -230,11 +230,6 @@ class ReformerConfig:
 
     # -- derived properties ---------------------------------------------------------------------------
     @property
-    def total_buckets(self) -> int:
-        """Buckets per hashing round (the product of the factors for factorised buckets)."""
-        return math.prod(self.n_buckets) if isinstance(self.n_buckets, tuple) else self.n_buckets
-
-    @property
     def pad_multiple(self) -> int:
         """Inputs are padded internally to a multiple of this (the lcm of the chunked layers' chunks)."""
         chunks = {"lsh": self.chunk_length, "local": self.local_chunk_length}

@@ -18,13 +18,14 @@ import hashlib
 import os
 import sys
 import sysconfig
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .checkpoint import write_atomically
 
 VOCAB_SIZE = 256
 SPLITS = ("train", "valid", "test")
@@ -45,19 +46,6 @@ def stdlib_files() -> list[Path]:
     return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
 
 
-def _write_atomically(target: Path, chunks) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _concatenated(files: list[Path], label: str) -> Path:
     """A cache file holding the files' bytes one after another (rebuilt when any file changes)."""
     digest = hashlib.sha256()
@@ -66,7 +54,7 @@ def _concatenated(files: list[Path], label: str) -> Path:
         digest.update(f"{f}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     target = cache_dir() / f"{label}-{digest.hexdigest()[:16]}.bin"
     if not target.exists():
-        _write_atomically(target, (f.read_bytes() for f in files))
+        write_atomically(target, (f.read_bytes() for f in files))
     return target
 
 
@@ -78,7 +66,7 @@ def _enwik8(zip_path: Path) -> Path:
             if len(names) != 1:
                 raise DataError(f"{zip_path}: expected one file (enwik8) in the zip, found {names[:5]}")
             with archive.open(names[0]) as member:
-                _write_atomically(target, iter(lambda: member.read(1 << 24), b""))
+                write_atomically(target, iter(lambda: member.read(1 << 24), b""))
     return target
 
 

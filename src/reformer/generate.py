@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from .attention import (FullSelfAttention, LocalSelfAttention, LSHSelfAttention, combine_rounds,
                         merge_heads, normalize_keys, split_heads)
 from .hashing import hash_vectors, total_buckets
+from .rounds import gather_items
 from .model import ReformerLM
 
 
@@ -94,8 +95,9 @@ class LSHCache:
         slots = bucket * self.window + torch.arange(self.window, device=h.device)
         members = self.ring.gather(-1, slots)                           # (B, H, R, window), -1 = empty
         present = members >= 0
-        keys = _rows(self.keys.view(), members.clamp_min(0))            # (B, H, R, window, d)
-        values = _rows(self.values.view(), members.clamp_min(0))
+        index = members.clamp_min(0).flatten(2)
+        keys = gather_items(self.keys.view(), index).unflatten(2, members.shape[2:])  # (B, H, R, W, d)
+        values = gather_items(self.values.view(), index).unflatten(2, members.shape[2:])
         logits = (keys @ qk[:, :, None].transpose(-1, -2))[..., 0]      # (B, H, R, window)
         logits = logits.masked_fill(~present, float("-inf"))
         has_other = present.any(dim=-1, keepdim=True)                   # (B, H, R, 1)
@@ -115,24 +117,25 @@ class LSHCache:
         return layer.out(merge_heads(combined))
 
 
-def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, d) at index (B, H, R, W) -> (B, H, R, W, d)."""
-    flat = index.flatten(2)
-    return x.gather(2, flat[..., None].expand(*flat.shape, x.shape[-1])).view(*index.shape, x.shape[-1])
+class _KeyValueCache:
+    """Keys and values of every earlier position, for local and full layers."""
 
-
-class LocalCache:
-    def __init__(self, layer: LocalSelfAttention):
-        self.layer = layer
+    def __init__(self, layer, key_divisor: float = 1.0):
+        self.layer, self.key_divisor = layer, key_divisor
         self.keys, self.values = _Growing(2), _Growing(2)
 
     def _project(self, h: torch.Tensor) -> None:
         layer = self.layer
-        self.keys.append(split_heads(layer.k(h), layer.n_heads) / math.sqrt(layer.d_head))
+        self.keys.append(split_heads(layer.k(h), layer.n_heads) / self.key_divisor)
         self.values.append(split_heads(layer.v(h), layer.n_heads))
 
     def prefill(self, h: torch.Tensor) -> None:
         self._project(h)
+
+
+class LocalCache(_KeyValueCache):
+    def __init__(self, layer: LocalSelfAttention):
+        super().__init__(layer, key_divisor=math.sqrt(layer.d_head))   # as the local layer scales keys
 
     def step(self, h: torch.Tensor) -> torch.Tensor:
         layer, band = self.layer, self.layer.band
@@ -144,18 +147,7 @@ class LocalCache:
         return layer.out(merge_heads(probs @ self.values.view()[:, :, start:]))
 
 
-class FullCache:
-    def __init__(self, layer: FullSelfAttention):
-        self.layer = layer
-        self.keys, self.values = _Growing(2), _Growing(2)
-
-    def _project(self, h: torch.Tensor) -> None:
-        self.keys.append(split_heads(self.layer.k(h), self.layer.n_heads))
-        self.values.append(split_heads(self.layer.v(h), self.layer.n_heads))
-
-    def prefill(self, h: torch.Tensor) -> None:
-        self._project(h)
-
+class FullCache(_KeyValueCache):
     def step(self, h: torch.Tensor) -> torch.Tensor:
         self._project(h)
         q = split_heads(self.layer.q(h), self.layer.n_heads)

@@ -38,15 +38,18 @@ def gather_items(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
     A row copy (index_select on the flattened rows): several times faster on the CPU than gather with
     an index expanded over d. Reads x in place when it is contiguous, or a head-split view of a
-    contiguous (batch, length, heads, d) projection; copies it otherwise.
+    contiguous (batch, length, heads, d) projection; any other layout (a slice of a cache, say) is
+    gathered without copying it whole.
     """
     batch, heads, length, d = x.shape
-    if x.transpose(1, 2).is_contiguous():        # (B, L, H, d) memory, as split_heads leaves it
+    if x.is_contiguous():
+        rows, flat = _row_index(index, length), x.view(-1, d)
+    elif x.transpose(1, 2).is_contiguous():        # (B, L, H, d) memory, as split_heads leaves it
         rows = index * heads + torch.arange(heads, device=index.device)[None, :, None]
         rows = rows + (torch.arange(batch, device=index.device) * length * heads)[:, None, None]
         flat = x.transpose(1, 2).reshape(-1, d)
     else:
-        rows, flat = _row_index(index, length), x.contiguous().view(-1, d)
+        return x.gather(2, index[..., None].expand(*index.shape, d))
     return flat.index_select(0, rows.flatten()).view(*index.shape, d)
 
 
@@ -57,12 +60,19 @@ def unsort(order: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.gather(2, undo) if t.dim() == 3 else gather_items(t, undo) for t in tensors]
 
 
+def sorted_validity(valid: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor | None:
+    """Validity (batch, length) of the items at positions (batch, heads, m) -> (batch, heads, m)."""
+    if valid is None:
+        return None
+    return valid[:, None, :].expand(-1, positions.shape[1], -1).gather(2, positions)
+
+
 def _sorted_round(band: Band, q, k, v, buckets: torch.Tensor, valid: torch.Tensor | None):
     """One round's items in bucket order, chunked, and the positions they came from (B, H, L)."""
     _, positions, sorted_buckets = sort_by_bucket(buckets[:, :, None])
-    sorted_valid = None if valid is None else valid[:, None, :].expand(-1, q.shape[1], -1).gather(2, positions)
     items = Items.chunked(band, gather_items(q, positions), gather_items(k, positions),
-                          gather_items(v, positions), positions, sorted_buckets, sorted_valid)
+                          gather_items(v, positions), positions, sorted_buckets,
+                          sorted_validity(valid, positions))
     return items, positions
 
 
@@ -86,6 +96,7 @@ def _round_weights(lse: torch.Tensor, has_other: torch.Tensor, total: torch.Tens
 
 def _heads_forward(q, k, v, buckets, valid, band: Band, dropout: float, seed: int):
     """Rounds one after the other, combined by an online softmax. Returns out, total lse, any_other."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()   # each round reads rows out of these
     batch, heads, rounds, length = buckets.shape
     acc = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
     best = q.new_full((batch, heads, length), float("-inf"))
@@ -110,6 +121,7 @@ def _heads_forward(q, k, v, buckets, valid, band: Band, dropout: float, seed: in
 def _heads_backward(q, k, v, buckets, valid, out, total, any_other, d_out, band: Band, dropout: float,
                     seed: int):
     """Gradients (dq, dk, dv) of ``_heads_forward``, recomputing each round."""
+    q, k, v, out, d_out = (t.contiguous() for t in (q, k, v, out, d_out))   # rows are read per round
     c = band.chunk_length
     d_q, d_k, d_v = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     for r in range(buckets.shape[2]):

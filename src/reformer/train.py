@@ -227,11 +227,9 @@ def train(run_dir: str | os.PathLike, model_config: ReformerConfig | None = None
         model_config = ReformerConfig.from_dict(ckpt.read_json(run_dir / "config.json"))
         train_config = TrainConfig(**ckpt.read_json(run_dir / "train.json"))
         weights, state = ckpt.load_checkpoint(run_dir)
-        if steps is not None:
-            train_config = dataclasses.replace(train_config, steps=steps)
     else:
         weights, state = None, None
-    if steps is not None and not resume:
+    if steps is not None:
         train_config = dataclasses.replace(train_config, steps=steps)
     cfg = train_config
     if cfg.seq_len > model_config.max_seq_len:
@@ -258,8 +256,7 @@ def train(run_dir: str | os.PathLike, model_config: ReformerConfig | None = None
         start = int(state["step"])
     elif env.main:
         ckpt.write_atomically(run_dir / "config.json", model_config.to_json())
-        ckpt.write_atomically(run_dir / "train.json", json.dumps(dataclasses.asdict(cfg), indent=2))
-    if resume and env.main:
+    if env.main:   # a resume may have extended the steps
         ckpt.write_atomically(run_dir / "train.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     ddp = nn.parallel.DistributedDataParallel(model) if env.world > 1 else model
     metrics = MetricsLog(run_dir / "metrics.jsonl", start if resume else None) if env.main else None

@@ -33,10 +33,10 @@ IMPLEMENTATIONS = ("ours-bucket", "ours-chunk", "ours-local", "hf", "lucidrains"
 
 
 def n_buckets(length: int) -> int | tuple[int, int]:
-    """transformers' rule for num_buckets=None: 2^floor(log2(2L / chunk)), factorised above its limit."""
-    power = (2 * length // CHUNK).bit_length() - 1
-    limit = 2 * max(int((length // CHUNK) ** 0.5), CHUNK)
-    return (2 ** (power // 2), 2 ** (power - power // 2)) if 2**power > limit else max(2, 2**power)
+    """transformers' rule for num_buckets=None (shared with the model benchmark and the speed experiment)."""
+    from reformer.experiments.speed import hf_n_buckets
+
+    return hf_n_buckets(length, CHUNK)
 
 
 def build(impl: str, length: int):

@@ -1,4 +1,4 @@
-"""The ``reformer`` command: train, eval, generate, convert.
+"""The ``reformer`` command: train, eval, generate, convert, experiment.
 
 Bad arguments (a missing file, an empty corpus, a length over max_seq_len, an unknown optimiser, a
 folder that is not a run) end with exit status 2 and one line saying what is wrong.
@@ -181,6 +181,17 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    from .experiments import default_out_dir, run_experiment
+
+    out = Path(args.out) if args.out else default_out_dir(args.name, args.quick)
+    print(f"reformer experiment {args.name}{' --quick' if args.quick else ''}: writing to {out}", flush=True)
+    record = run_experiment(args.name, out, quick=args.quick, seed=args.seed,
+                            log=lambda line: print(line, flush=True))
+    print(json.dumps({"experiment": args.name, "written": str(out), "wall_seconds": record["wall_seconds"]}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reformer", description="Reformer: LSH attention and reversible "
                                      "layers for very long sequences.")
@@ -213,10 +224,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-hf", metavar="FOLDER", help="a transformers save_pretrained folder to import")
     p.add_argument("--to-hf", metavar="RUN_DIR", help="a run folder to export")
     p.add_argument("--out", required=True, help="the folder to write")
+
+    from .experiments import EXPERIMENTS
+
+    p = sub.add_parser("experiment", help="reproduce one of the paper's claims and write a report",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Run an experiment and write results.json, README.md and plots to "
+                       "docs/results/NAME (--quick: a smoke run under 2 minutes, to runs/experiments/NAME-quick).")
+    p.add_argument("name", choices=sorted(EXPERIMENTS), help="which experiment")
+    p.add_argument("--quick", action="store_true", help="a small, fast version (a smoke test, not a result)")
+    p.add_argument("--out", help="output folder (default: see above)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, data and hashing")
     return parser
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "convert": cmd_convert}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "convert": cmd_convert,
+            "experiment": cmd_experiment}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,8 +3,9 @@
 Reproducibility is built in rather than saved: the batch of step s comes from (seed, s) (data.py), and
 the global torch RNG (dropout) is reseeded from (seed, s, rank) at the start of every step. Training-time hashing
 rotations are drawn for call number ``step`` of each LSH layer. A resumed run therefore needs only the
-weights, the optimiser and schedule state and the step to continue bit for bit. ``batch_size`` is the global batch: under torchrun each of N ranks
-takes its slice of the same batch, so N processes compute exactly what one process would.
+weights, the optimiser and schedule state and the step to continue bit for bit. ``batch_size`` is the
+global batch: under torchrun each of N ranks takes its slice of the same batch, so N processes compute
+exactly what one process would.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .config import ReformerConfig
 from .data import Corpus, DataError, eval_batches, window_batch
 from .hashing import derive_seed
 from .model import ReformerLM
+from .plotting import pyplot, save_figure
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adafactor")
 SCHEDULES = ("cosine", "rsqrt", "constant")
@@ -190,14 +192,9 @@ class MetricsLog:
 
 def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
     """Train and valid bits/byte against steps, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     train = [(r["step"], r["loss"] / math.log(2)) for r in records if "loss" in r]
     valid = [(r["step"], r["valid_bpb"]) for r in records if "valid_bpb" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = pyplot().subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train", alpha=0.6)
     if valid:
@@ -206,11 +203,7 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("bits per byte")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def train(run_dir: str | os.PathLike, model_config: ReformerConfig | None = None,

@@ -1,0 +1,166 @@
+"""Seconds per training step against length at a fixed number of tokens per batch (the paper's speed figure).
+
+The measuring code is shared with ``benchmarks/model.py`` (which adds transformers' model): one
+training step (forward, loss, backward, Adam) of a reversible byte LM (d_model 256, 4 heads x 64,
+d_ff 1024, chunk 64, buckets by transformers' rule) with full attention (SDPA) or LSH attention of 1,
+2, 4 and 8 rounds, each point in a fresh process (so peak RSS is the point's own), after a warm-up step.
+With batch = tokens / length the work of full attention grows with the length, LSH's stays nearly flat.
+
+    python -m reformer.experiments.speed IMPL LENGTH BATCH N_HASHES N_LAYERS   # one point, JSON on stdout
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+CHUNK = 64
+REFORMER_IMPLEMENTATIONS = ("ours", "full")
+
+
+def hf_n_buckets(length: int, chunk: int = CHUNK) -> int | tuple[int, int]:
+    """transformers' rule for num_buckets=None: 2^floor(log2(2L / chunk)), factorised above its limit."""
+    power = (2 * length // chunk).bit_length() - 1
+    limit = 2 * max(int((length // chunk) ** 0.5), chunk)
+    return (2 ** (power // 2), 2 ** (power - power // 2)) if 2**power > limit else max(2, 2**power)
+
+
+def build_reformer(impl: str, length: int, n_hashes: int, n_layers: int = 6):
+    """(model, loss of a batch): our LM with LSH ("ours") or full attention ("full") in every layer."""
+    from ..config import ReformerConfig
+    from ..model import ReformerLM
+
+    if impl not in REFORMER_IMPLEMENTATIONS:
+        raise ValueError(f"impl must be one of {REFORMER_IMPLEMENTATIONS}, got {impl!r}")
+    cfg = ReformerConfig(d_model=256, n_heads=4, d_head=64, n_layers=n_layers, d_ff=1024,
+                         attn_layers="lsh" if impl == "ours" else "full", n_hashes=n_hashes,
+                         chunk_length=CHUNK, n_buckets=hf_n_buckets(length), max_seq_len=length,
+                         ff_chunk_size=4096)
+    model = ReformerLM(cfg).train()
+    return model, model.loss
+
+
+def time_step(build: Callable[[int], tuple[Any, Callable]], length: int, batch: int) -> dict[str, float]:
+    """Seconds and peak RSS (MiB) of one training step of build(length) on a random (batch, length) batch.
+
+    A warm-up step on one short sequence comes first (lazy initialisation is not the step's cost).
+    """
+    import torch
+
+    torch.manual_seed(0)
+    for n, b in ((min(length, 512), 1), (length, batch)):
+        model, loss_of = build(n)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        ids = torch.randint(0, 256, (b, n))
+        start = time.perf_counter()
+        loss_of(ids).backward()
+        optimizer.step()
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def measure(command: list[str], point: dict[str, Any], repeats: int, timeout: float) -> dict[str, Any]:
+    """Run ``command`` (which prints one JSON point) ``repeats`` times in fresh processes; the medians."""
+    runs = []
+    for _ in range(repeats):
+        try:
+            out = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {**point, "error": f"over {timeout} s"}
+        if out.returncode != 0:
+            return {**point, "error": " ".join(out.stderr.strip().splitlines()[-1:])}
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {**point, "repeats": repeats, "seconds": statistics.median(r["seconds"] for r in runs),
+            "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs)}
+
+
+def measure_reformer(impl: str, length: int, batch: int, n_hashes: int, n_layers: int, repeats: int,
+                     timeout: float) -> dict[str, Any]:
+    point = {"implementation": impl, "length": length, "batch": batch, "n_hashes": n_hashes,
+             "n_layers": n_layers}
+    command = [sys.executable, "-m", __name__, impl, str(length), str(batch), str(n_hashes), str(n_layers)]
+    return measure(command, point, repeats, timeout)
+
+
+# -- the experiment ------------------------------------------------------------------------------------
+@dataclass
+class SpeedSettings:
+    tokens: int = 16384
+    lengths: tuple = (1024, 2048, 4096, 8192, 16384)
+    rounds: tuple = (1, 2, 4, 8)
+    n_layers: int = 2
+    repeats: int = 1
+    timeout: float = 900
+
+    def __post_init__(self) -> None:
+        bad = [n for n in self.lengths if n > self.tokens or n % CHUNK]
+        if bad:
+            raise ValueError(f"lengths must be multiples of {CHUNK} and at most tokens ({self.tokens}), got {bad}")
+
+
+QUICK = SpeedSettings(tokens=1024, lengths=(256, 1024), rounds=(1, 2), n_layers=1, timeout=110)
+
+
+def mode_name(impl: str, n_hashes: int) -> str:
+    return "full attention" if impl == "full" else f"LSH-{n_hashes}"
+
+
+def run(out_dir: Path, quick: bool = False, seed: int = 0, log=print,
+        settings: SpeedSettings | None = None) -> dict[str, Any]:
+    from .report import Report, markdown_table, pyplot, save_figure
+
+    settings = settings or (QUICK if quick else SpeedSettings())
+    report = Report("speed", out_dir, seed, quick, dataclasses.asdict(settings))
+    modes = [("full", 1)] + [("ours", r) for r in settings.rounds]
+    points = []
+    for length in settings.lengths:
+        for impl, n_hashes in modes:
+            point = measure_reformer(impl, length, settings.tokens // length, n_hashes, settings.n_layers,
+                                     settings.repeats, settings.timeout)
+            points.append(point)
+            log(f"  {mode_name(impl, n_hashes)} at {length} x {point['batch']}: "
+                + (f"{point['seconds']:.2f} s, {point['peak_rss_mib']:.0f} MiB" if "seconds" in point
+                   else point["error"]))
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for impl, n_hashes in modes:
+        rows = [(p["length"], p["seconds"]) for p in points
+                if p["implementation"] == impl and p["n_hashes"] == n_hashes and "seconds" in p]
+        if rows:
+            ax.loglog(*zip(*rows), "o-", label=mode_name(impl, n_hashes), base=2)
+    ax.set_xlabel(f"sequence length (batch = {settings.tokens} tokens / length)")
+    ax.set_ylabel("seconds per training step")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    save_figure(fig, report.path("speed.png"))
+
+    def cell(length, impl, n_hashes):
+        p = next(p for p in points if p["length"] == length and p["implementation"] == impl
+                 and p["n_hashes"] == n_hashes)
+        return f"{p['seconds']:.2f} s / {p['peak_rss_mib'] / 1024:.2f} GB" if "seconds" in p else p["error"]
+
+    rows = [[f"{length} x {settings.tokens // length}", *(cell(length, *m) for m in modes)]
+            for length in settings.lengths]
+    body = (f"One training step (forward, loss, backward, Adam) of a {settings.n_layers}-layer reversible byte "
+            f"LM (d_model 256, 4 heads x 64, d_ff 1024, chunk {CHUNK}) on {settings.tokens} tokens per batch, "
+            f"each point in a fresh process after a warm-up step, median of {settings.repeats}. "
+            "Seconds / peak RSS:\n\n"
+            + markdown_table(["length x batch", *(mode_name(*m) for m in modes)], rows)
+            + "\n\n![seconds per step against length](speed.png)\n")
+    return report.write({"points": points}, "Speed against length", body)
+
+
+if __name__ == "__main__":
+    impl, length, batch, n_hashes, n_layers = sys.argv[1:6]
+    result = time_step(lambda n: build_reformer(impl, n, int(n_hashes), int(n_layers)), int(length), int(batch))
+    print(json.dumps({"implementation": impl, "length": int(length), "batch": int(batch),
+                      "n_hashes": int(n_hashes), **result}))

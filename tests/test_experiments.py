@@ -1,0 +1,102 @@
+"""``reformer experiment NAME --quick``: every experiment runs from the command line and writes a sane report."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import full_shared_qk_attention
+from reformer import LSHSelfAttention, ReformerConfig, ReformerLM
+from reformer.experiments import hash_rounds, lm_parity
+from reformer.experiments.duplication import duplication_batch
+from reformer.experiments.report import full_attention_overrides, same_weights
+
+
+def run_quick(name, tmp_path):
+    out = tmp_path / name
+    result = subprocess.run([sys.executable, "-m", "reformer", "experiment", name, "--quick", "--out", str(out)],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["written"] == str(out)
+    record = json.loads((out / "results.json").read_text())
+    readme = (out / "README.md").read_text()
+    assert record["experiment"] == name and record["quick"] is True and record["seed"] == 0
+    assert record["wall_seconds"] > 0 and record["machine"]["torch"] == torch.__version__
+    assert f"experiment {name} --quick" in record["command"] and record["command"] in readme
+    return out, record["results"], readme
+
+
+def test_duplication_quick_learns_the_copy_and_fills_the_table(tmp_path):
+    out, results, readme = run_quick("duplication", tmp_path)
+    accuracy = results["accuracy"]
+    assert set(accuracy) == {"Full", "LSH-2"}
+    for row in accuracy.values():
+        assert set(row) == {"Full", "LSH-4", "LSH-1"}
+        assert all(0.0 <= v <= 1.0 for v in row.values())
+    chance = 1 / 127
+    # Far above chance: the models learned to look half a sequence back; more rounds find it more often.
+    assert accuracy["Full"]["Full"] > 0.9 and accuracy["LSH-2"]["LSH-4"] > 0.9 > 50 * chance
+    assert accuracy["LSH-2"]["LSH-4"] >= accuracy["LSH-2"]["LSH-1"]
+    assert "| LSH-2 |" in readme and (out / "training.png").stat().st_size > 0
+
+
+def test_lm_parity_quick_trains_every_variant(tmp_path):
+    out, results, readme = run_quick("lm-parity", tmp_path)
+    variants = {"full", "lsh-2", "lsh-4-chunk", "local", "lsh-4-plain"}
+    assert set(results["final_bpb"]) == variants == set(results["curves"])
+    for name, bpb in results["final_bpb"].items():
+        assert math.isfinite(bpb) and 3.0 < bpb < 8.0, (name, bpb)   # below uniform (8 bits/byte)
+        assert [point[0] for point in results["curves"][name]] == [10, 20, 30]
+        assert f"| {name} |" in readme
+    assert (out / "curves.png").stat().st_size > 0
+    assert all((out / "runs" / v / "model.safetensors").exists() for v in variants)
+    # hash-rounds reuses a finished LSH-2 run only when its settings and seed match.
+    assert hash_rounds._finished(out / "runs" / "lsh-2", lm_parity.QUICK, seed=0)
+    assert not hash_rounds._finished(out / "runs" / "lsh-2", lm_parity.QUICK, seed=1)
+    assert not hash_rounds._finished(out / "runs" / "full", lm_parity.QUICK, seed=0)
+
+
+def test_hash_rounds_quick_evaluates_every_round_count(tmp_path):
+    out, results, readme = run_quick("hash-rounds", tmp_path)
+    assert set(results["bpb"]) == {"LSH-1", "LSH-2", "LSH-4", "LSH-8", "full"}
+    assert all(math.isfinite(v) and v < 8.0 for v in results["bpb"].values())
+    assert (out / "rounds.png").stat().st_size > 0 and "| full |" in readme
+
+
+def test_speed_quick_measures_every_point(tmp_path):
+    out, results, readme = run_quick("speed", tmp_path)
+    points = results["points"]
+    modes = {("full", 1), ("ours", 1), ("ours", 2)}
+    assert {(p["implementation"], p["n_hashes"]) for p in points} == modes
+    assert {p["length"] for p in points} == {256, 1024}
+    for p in points:
+        assert "error" not in p, p
+        assert p["batch"] * p["length"] == 1024 and p["seconds"] > 0 and p["peak_rss_mib"] > 0
+    assert (out / "speed.png").stat().st_size > 0 and "| 1024 x 1 |" in readme
+
+
+def test_duplication_batches_are_two_copies():
+    batch = duplication_batch(5, 20, 7, torch.Generator().manual_seed(0))
+    assert batch.shape == (5, 20)
+    assert (batch[:, 0] == 0).all() and (batch[:, 10] == 0).all()
+    assert torch.equal(batch[:, :10], batch[:, 10:])
+    assert batch[:, 1:10].min() >= 1 and batch[:, 1:10].max() <= 7
+
+
+@pytest.mark.parametrize("length", [50, 64])
+def test_full_attention_overrides_make_lsh_layers_attend_to_every_earlier_position(length):
+    torch.manual_seed(0)
+    config = ReformerConfig(vocab_size=32, d_model=32, n_heads=2, d_head=16, n_layers=1, d_ff=32,
+                            n_hashes=4, chunk_length=8, max_seq_len=64)
+    model = ReformerLM(config).eval()
+    full = same_weights(model, **full_attention_overrides(length))
+    layer = next(m for m in full.modules() if isinstance(m, LSHSelfAttention))
+    assert torch.equal(layer.qk.weight, next(m for m in model.modules()
+                                             if isinstance(m, LSHSelfAttention)).qk.weight)
+    x = torch.randn(2, length, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), full_shared_qk_attention(layer, x, causal=True),
+                                   atol=1e-5, rtol=1e-5)

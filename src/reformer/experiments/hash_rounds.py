@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import load_model
+from ..checkpoint import load_checkpoint, load_model
 from . import lm_parity
 from .report import Report, full_attention_overrides, markdown_table, pyplot, same_weights, save_figure
 
@@ -27,12 +27,12 @@ def _finished(run_dir: Path, settings: lm_parity.ParitySettings, seed: int) -> b
     try:
         config = json.loads((run_dir / "config.json").read_text())
         train = json.loads((run_dir / "train.json").read_text())
-        latest = (run_dir / "latest").read_text().strip()
-    except (OSError, ValueError):
+        _, state = load_checkpoint(run_dir)
+    except (OSError, ValueError):   # missing or unreadable files (CheckpointError is a ValueError)
         return False
     return (config == lm_parity.model_config(settings, VARIANT).to_dict()
             and train == dataclasses.asdict(lm_parity.train_config(settings, seed))
-            and latest == f"checkpoints/step-{settings.steps}")
+            and state["step"] == settings.steps)
 
 
 def run(out_dir: Path, quick: bool = False, seed: int = 0, log=print,

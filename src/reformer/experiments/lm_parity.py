@@ -69,7 +69,7 @@ class ParitySettings:
 
 
 QUICK = ParitySettings(d_model=32, n_heads=2, d_head=16, n_layers=2, d_ff=64, chunk_length=16, seq_len=128,
-                       batch_size=4, steps=30, warmup=5, eval_every=10, eval_batches=2, final_eval_batches=4,
+                       batch_size=4, steps=20, warmup=5, eval_every=10, eval_batches=2, final_eval_batches=4,
                        variants=("full", "lsh-2", "lsh-4-chunk", "local", "lsh-4-plain"))
 
 

@@ -113,7 +113,7 @@ class Report:
                  f"- Seed: {self.seed}; wall time: {head['wall_seconds']:.0f} s"
                  f"{' (quick mode: a smoke test, not a result)' if self.quick else ''}\n"
                  f"- Versions: reformer {m['reformer']}, torch {m['torch']}, Python {m['python']}\n"
-                 f"- Machine: {m['platform']}, {m['cpus']} CPUs ({m['torch_threads']} torch threads), "
+                 f"- Machine: {m['platform']}, {m['cpus']} CPUs ({m['torch_threads']} torch thread(s)), "
                  f"{m['device']}\n"
                  f"- Settings: `{json.dumps(self.settings, sort_keys=True)}`\n")
         write_atomically(self.path("README.md"), f"# {title}\n\n{about}\n{body.strip()}\n")

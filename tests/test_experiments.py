@@ -10,7 +10,7 @@ import torch
 
 from helpers import full_shared_qk_attention
 from reformer import LSHSelfAttention, ReformerConfig, ReformerLM
-from reformer.experiments import hash_rounds, lm_parity
+from reformer.experiments import lm_parity
 from reformer.experiments.duplication import duplication_batch
 from reformer.experiments.report import full_attention_overrides, same_weights
 
@@ -53,10 +53,14 @@ def test_lm_parity_quick_trains_every_variant(tmp_path):
         assert f"| {name} |" in readme
     assert (out / "curves.png").stat().st_size > 0
     assert all((out / "runs" / v / "model.safetensors").exists() for v in variants)
-    # hash-rounds reuses a finished LSH-2 run only when its settings and seed match.
-    assert hash_rounds._finished(out / "runs" / "lsh-2", lm_parity.QUICK, seed=0)
-    assert not hash_rounds._finished(out / "runs" / "lsh-2", lm_parity.QUICK, seed=1)
-    assert not hash_rounds._finished(out / "runs" / "full", lm_parity.QUICK, seed=0)
+    # A finished run is reused (by a rerun, and by hash-rounds) only when its settings and seed match.
+    assert lm_parity.finished(out / "runs" / "lsh-2", lm_parity.QUICK, "lsh-2", seed=0)
+    assert not lm_parity.finished(out / "runs" / "lsh-2", lm_parity.QUICK, "lsh-2", seed=1)
+    assert not lm_parity.finished(out / "runs" / "full", lm_parity.QUICK, "lsh-2", seed=0)
+    before = (out / "runs" / "lsh-2" / "metrics.jsonl").read_text()
+    records = lm_parity.train_variant(lm_parity.QUICK, "lsh-2", out / "runs" / "lsh-2", 0, progress=False)
+    assert [r for r in records if "valid_bpb" in r] == [r for r in map(json.loads, before.splitlines())
+                                                        if "valid_bpb" in r]
 
 
 def test_hash_rounds_quick_evaluates_every_round_count(tmp_path):

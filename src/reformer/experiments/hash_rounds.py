@@ -10,29 +10,15 @@ same shared-QK weights (one bucket, one chunk).
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import load_checkpoint, load_model
+from ..checkpoint import load_model
 from . import lm_parity
 from .report import Report, full_attention_overrides, markdown_table, pyplot, same_weights, save_figure
 
 VARIANT = "lsh-2"
 ROUNDS = (1, 2, 4, 8, 16)
-
-
-def _finished(run_dir: Path, settings: lm_parity.ParitySettings, seed: int) -> bool:
-    """Whether ``run_dir`` holds a complete run of the LSH-2 variant with exactly these settings."""
-    try:
-        config = json.loads((run_dir / "config.json").read_text())
-        train = json.loads((run_dir / "train.json").read_text())
-        _, state = load_checkpoint(run_dir)
-    except (OSError, ValueError):   # missing or unreadable files (CheckpointError is a ValueError)
-        return False
-    return (config == lm_parity.model_config(settings, VARIANT).to_dict()
-            and train == dataclasses.asdict(lm_parity.train_config(settings, seed))
-            and state["step"] == settings.steps)
 
 
 def run(out_dir: Path, quick: bool = False, seed: int = 0, log=print,
@@ -42,7 +28,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, log=print,
     rounds = ROUNDS[:4] if quick else ROUNDS
     report = Report("hash-rounds", out_dir, seed, quick, {**dataclasses.asdict(settings), "rounds": rounds})
     shared = Path("runs/experiments/lm-parity") / VARIANT
-    if not quick and _finished(shared, settings, seed):
+    if not quick and lm_parity.finished(shared, settings, VARIANT, seed):
         run_dir = shared
         log(f"  reusing the trained model in {run_dir}")
     else:

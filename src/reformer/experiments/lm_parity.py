@@ -17,6 +17,7 @@ once more at the end on a larger held-out sample.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_model
+from ..checkpoint import load_checkpoint, load_model
 from ..config import ReformerConfig
 from ..data import Corpus
 from ..train import TrainConfig, evaluate, train
@@ -93,8 +94,27 @@ def valid_curve(records: list[dict[str, Any]]) -> list[tuple[int, float, float]]
     return [(r["step"], elapsed.get(r["step"], math.nan), r["valid_bpb"]) for r in records if "valid_bpb" in r]
 
 
+def finished(run_dir: Path, settings: ParitySettings, variant: str, seed: int) -> bool:
+    """Whether ``run_dir`` holds a complete run of ``variant`` with exactly these settings and seed."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        trained = json.loads((run_dir / "train.json").read_text())
+        _, state = load_checkpoint(run_dir)
+    except (OSError, ValueError):   # missing or unreadable files (CheckpointError is a ValueError)
+        return False
+    return (config == model_config(settings, variant).to_dict()
+            and trained == dataclasses.asdict(train_config(settings, seed))
+            and state["step"] == settings.steps)
+
+
 def train_variant(settings: ParitySettings, variant: str, run_dir: Path, seed: int, progress: bool):
-    """Train one variant into ``run_dir`` (replacing an earlier run there); returns its metrics records."""
+    """Train one variant into ``run_dir``; returns its metrics records.
+
+    A complete run of the same settings already there is kept (so an interrupted experiment resumes
+    where it stopped); anything else there is replaced.
+    """
+    if finished(run_dir, settings, variant, seed):
+        return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     if run_dir.exists():
         import shutil
 
@@ -129,7 +149,7 @@ def plot(curves: dict[str, list], path: Path) -> None:
         by_step.plot([c[0] for c in curve], [c[2] for c in curve], style, marker=".", label=name)
         by_time.plot([c[1] for c in curve], [c[2] for c in curve], style, marker=".", label=name)
     by_step.set_xlabel("step")
-    by_time.set_xlabel("training seconds (2 CPU cores)")
+    by_time.set_xlabel("training seconds (wall clock, this machine)")
     by_step.set_ylabel("valid bits per byte")
     for ax in (by_step, by_time):
         ax.grid(alpha=0.3)
@@ -144,7 +164,8 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, log=print,
     runs_root = report.work_dir
     curves, final, seconds = {}, {}, {}
     for variant in settings.variants:
-        log(f"  training {variant} ({settings.steps} steps)")
+        done = finished(runs_root / variant, settings, variant, seed)
+        log(f"  {'reusing the finished run of' if done else 'training'} {variant} ({settings.steps} steps)")
         records = train_variant(settings, variant, runs_root / variant, seed, progress=not quick)
         curves[variant] = valid_curve(records)
         seconds[variant] = max(r["elapsed"] for r in records if "elapsed" in r)

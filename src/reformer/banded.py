@@ -136,12 +136,12 @@ class Items:
 
 
 def band_mask(band: Band, items: Items, start: int, stop: int
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Who may attend to whom, for the queries of chunks start ... stop - 1.
 
     Returns ``allowed`` (B, H, m, c, W) bool before the self fallback, ``is_self`` of the same shape,
-    and ``has_other`` (B, H, m, c): whether a query has an allowed key other than itself (any allowed
-    key when not ``band.mask_self``).
+    ``other``: the allowed keys other than the query itself (``allowed`` when not ``band.mask_self``),
+    and ``has_other`` (B, H, m, c): whether a query has any such key.
     """
     def window(x):
         return look_around(x, band.before, band.after, start, stop)[..., None, :]
@@ -159,12 +159,12 @@ def band_mask(band: Band, items: Items, start: int, stop: int
             raise ValueError("banded_attention: same_bucket=True needs the buckets argument")
         allowed = _and(allowed, window(items.buckets) == items.buckets[:, :, start:stop, :, None])
     allowed = torch.ones_like(is_self) if allowed is None else allowed.expand_as(is_self)
-    other = allowed & ~is_self if band.mask_self else allowed
-    return allowed, is_self, other.any(dim=-1)
+    other = allowed > is_self if band.mask_self else allowed   # on bools, a > b is a & ~b in one pass
+    return allowed, is_self, other, other.any(dim=-1)
 
 
 def _probabilities(band: Band, logits: torch.Tensor, allowed: torch.Tensor, is_self: torch.Tensor,
-                   has_other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                   other: torch.Tensor, has_other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention probabilities (B, H, m, c, W) and their normaliser, the logsumexp (B, H, m, c)."""
     if band.anchor_masks:
         hidden, self_value = (-1e4, -1e3) if logits.dtype == torch.float16 else (-1e9, -1e5)
@@ -173,11 +173,9 @@ def _probabilities(band: Band, logits: torch.Tensor, allowed: torch.Tensor, is_s
             logits = logits.masked_fill(is_self, self_value)
         lse = torch.logsumexp(logits, dim=-1)   # transformers' formulas, for bit-identical logits
         return torch.exp(logits - lse[..., None]), lse
-    if band.mask_self:
-        allowed = (allowed & ~is_self) | (is_self & ~has_other[..., None])
-    else:
-        allowed = allowed | (is_self & ~has_other[..., None])
-    logits = logits.masked_fill(~allowed, float("-inf"))
+    # The other allowed keys, and the query itself where there are none (the self fallback).
+    attended = other | (is_self & ~has_other[..., None])
+    logits = torch.where(attended, logits, float("-inf"))
     # softmax is several times faster than exp on masked rows (torch.exp takes a slow path for -inf
     # and for underflowing arguments). The normaliser follows from the largest probability:
     # p_max = exp(x_max - lse), and p_max >= 1 / width keeps the logarithm accurate.
@@ -206,9 +204,9 @@ def _block_probs(band: Band, items: Items, start: int, stop: int, dropout: float
     the key and value windows and the masks of one block."""
     k_window = look_around(items.k, band.before, band.after, start, stop)
     v_window = look_around(items.v, band.before, band.after, start, stop)
-    allowed, is_self, has_other = band_mask(band, items, start, stop)
+    allowed, is_self, other, has_other = band_mask(band, items, start, stop)
     logits = items.q[:, :, start:stop] @ k_window.transpose(-1, -2)
-    probs, lse = _probabilities(band, logits, allowed, is_self, has_other)
+    probs, lse = _probabilities(band, logits, allowed, is_self, other, has_other)
     dropped, keep = probs, None
     if dropout:
         keep = _dropout_keep(probs.shape, dropout, seed, start, probs.device)

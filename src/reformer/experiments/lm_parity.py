@@ -17,8 +17,10 @@ once more at the end on a larger held-out sample.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,17 +118,21 @@ def train_variant(settings: ParitySettings, variant: str, run_dir: Path, seed: i
     if finished(run_dir, settings, variant, seed):
         return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     if run_dir.exists():
-        import shutil
-
         shutil.rmtree(run_dir)
     return train(run_dir, model_config(settings, variant), train_config(settings, seed), progress=progress)
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib() -> Corpus:
+    """The stdlib corpus, opened once (opening checks every source file's size and time)."""
+    return Corpus.open("stdlib")
 
 
 def final_bpb(run_dir: Path, settings: ParitySettings, n_hashes: int | None = None,
               model: torch.nn.Module | None = None) -> float:
     """Valid bits/byte of a trained run on ``final_eval_batches`` fixed windows."""
     model = model if model is not None else load_model(run_dir)
-    result = evaluate(model, Corpus.open("stdlib"), "valid", settings.seq_len, settings.batch_size,
+    result = evaluate(model, _stdlib(), "valid", settings.seq_len, settings.batch_size,
                       settings.final_eval_batches, torch.device("cpu"), n_hashes=n_hashes)
     return result["bpb"]
 

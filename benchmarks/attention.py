@@ -24,9 +24,10 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
+
+from reformer.experiments.speed import hf_n_buckets, measure
 
 D_MODEL, HEADS, D_HEAD, HASHES, CHUNK = 256, 4, 64, 4, 64
 IMPLEMENTATIONS = ("ours-bucket", "ours-chunk", "ours-local", "hf", "lucidrains", "sdpa")
@@ -34,8 +35,6 @@ IMPLEMENTATIONS = ("ours-bucket", "ours-chunk", "ours-local", "hf", "lucidrains"
 
 def n_buckets(length: int) -> int | tuple[int, int]:
     """transformers' rule for num_buckets=None (shared with the model benchmark and the speed experiment)."""
-    from reformer.experiments.speed import hf_n_buckets
-
     return hf_n_buckets(length, CHUNK)
 
 
@@ -111,12 +110,9 @@ def child(impl: str, length: int) -> None:
 
 
 def plot(points: list[dict], path: str) -> None:
-    import matplotlib
+    from reformer.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
     for impl in IMPLEMENTATIONS:
         rows = sorted((p["length"], p["seconds"], p["peak_rss_mib"]) for p in points if p["implementation"] == impl)
         if rows:
@@ -129,8 +125,7 @@ def plot(points: list[dict], path: str) -> None:
         ax.set_xlabel("sequence length")
         ax.grid(alpha=0.3, which="both")
     axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -150,30 +145,15 @@ def main() -> None:
     points = []
     for length in args.lengths:
         for impl in args.implementations:
-            runs = []
-            for _ in range(args.repeats):
-                try:
-                    out = subprocess.run([sys.executable, __file__, "--child", impl, str(length)],
-                                         capture_output=True, text=True, timeout=args.timeout)
-                except subprocess.TimeoutExpired:
-                    break
-                if out.returncode != 0:
-                    print(json.dumps({"implementation": impl, "length": length,
-                                      "error": out.stderr.strip().splitlines()[-1:]}), flush=True)
-                    break
-                runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            if not runs:
-                continue
-            point = {"implementation": impl, "length": length, "repeats": len(runs),
-                     "seconds": statistics.median(r["seconds"] for r in runs),
-                     "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs)}
-            if impl.startswith("ours") or impl == "sdpa":
-                work = flops(impl, length) if impl != "sdpa" else None
-                if work:
-                    point["gflop"] = round(work / 1e9, 1)
-                    point["fraction_of_ceiling"] = round(work / point["seconds"] / ceiling, 3)
-            points.append(point)
+            point = measure([sys.executable, __file__, "--child", impl, str(length)],
+                            {"implementation": impl, "length": length}, args.repeats, args.timeout)
+            if "error" not in point and impl.startswith("ours"):
+                work = flops(impl, length)
+                point["gflop"] = round(work / 1e9, 1)
+                point["fraction_of_ceiling"] = round(work / point["seconds"] / ceiling, 3)
             print(json.dumps(point), flush=True)
+            if "error" not in point:
+                points.append(point)
     if args.plot:
         plot(points, args.plot)
 

@@ -19,9 +19,9 @@ import argparse
 import json
 import os
 import resource
-import statistics
-import subprocess
 import sys
+
+from reformer.experiments.speed import measure
 
 
 def rss_mib() -> float:
@@ -64,20 +64,16 @@ def main() -> None:
     medians = {}
     for reversible in (True, False):
         for depth in (2, 6, 12):
-            runs = []
-            for _ in range(args.repeats):
-                out = subprocess.run([sys.executable, __file__, "--child", str(depth), str(args.length),
-                                      "1" if reversible else "0"], capture_output=True, text=True, check=True,
-                                     env=env)
-                runs.append(json.loads(out.stdout))
-            point = {**runs[0], "malloc": "default" if args.default_malloc else "mmap_threshold_64KiB", "peak_above_baseline_mib": statistics.median(r["peak_above_baseline_mib"] for r in runs),
-                     "seconds": statistics.median(r["seconds"] for r in runs), "repeats": args.repeats}
-            medians[reversible, depth] = point["peak_above_baseline_mib"]
+            command = [sys.executable, __file__, "--child", str(depth), str(args.length), "1" if reversible else "0"]
+            point = measure(command, {"malloc": "default" if args.default_malloc else "mmap_threshold_64KiB"},
+                            args.repeats, timeout=3600, keys=("peak_above_baseline_mib", "seconds"), env=env)
             print(json.dumps(point), flush=True)
+            if "error" in point:
+                raise SystemExit(f"depth {depth} failed: {point['error']}")
+            medians[reversible, depth] = point["peak_above_baseline_mib"]
     for reversible in (True, False):
         ratio = medians[reversible, 12] / medians[reversible, 2]
         print(json.dumps({"reversible": reversible, "ratio_12_over_2_layers": round(ratio, 3)}))
-
 
 if __name__ == "__main__":
     main()

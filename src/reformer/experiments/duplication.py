@@ -26,7 +26,8 @@ from ..config import ReformerConfig
 from ..hashing import derive_seed
 from ..model import ReformerLM
 from ..train import TrainConfig, build_optimizer, lr_factor, lsh_layers
-from .report import Report, full_attention_overrides, markdown_table, pyplot, same_weights, save_figure
+from ..plotting import pyplot, save_figure
+from .report import Report, full_attention_overrides, markdown_table, same_weights
 
 FULL = "full"
 

@@ -15,7 +15,8 @@ from typing import Any
 
 from ..checkpoint import load_model
 from . import lm_parity
-from .report import Report, full_attention_overrides, markdown_table, pyplot, same_weights, save_figure
+from ..plotting import pyplot, save_figure
+from .report import Report, full_attention_overrides, markdown_table, same_weights
 
 VARIANT = "lsh-2"
 ROUNDS = (1, 2, 4, 8, 16)

@@ -31,7 +31,8 @@ from ..checkpoint import load_checkpoint, load_model
 from ..config import ReformerConfig
 from ..data import Corpus
 from ..train import TrainConfig, evaluate, train
-from .report import Report, markdown_table, pyplot, save_figure
+from ..plotting import pyplot, save_figure
+from .report import Report, markdown_table
 
 # name -> config overrides of the shared base model
 VARIANTS = {

@@ -20,7 +20,6 @@ from typing import Any, Sequence
 import torch
 
 from ..checkpoint import write_atomically
-from ..plotting import pyplot, save_figure  # noqa: F401  (re-exported for the experiments)
 
 
 def machine() -> dict[str, Any]:

@@ -67,19 +67,24 @@ def time_step(build: Callable[[int], tuple[Any, Callable]], length: int, batch: 
     return {"seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def measure(command: list[str], point: dict[str, Any], repeats: int, timeout: float) -> dict[str, Any]:
-    """Run ``command`` (which prints one JSON point) ``repeats`` times in fresh processes; the medians."""
+def measure(command: list[str], point: dict[str, Any], repeats: int, timeout: float,
+            keys: tuple[str, ...] = ("seconds", "peak_rss_mib"), env: dict[str, str] | None = None
+            ) -> dict[str, Any]:
+    """Run ``command`` (which prints one JSON object last) ``repeats`` times, each in a fresh process.
+
+    Returns ``point`` with the first run's fields and the median of each of ``keys`` over the runs, or
+    ``point`` with an "error" (a timeout or the child's last line of stderr).
+    """
     runs = []
     for _ in range(repeats):
         try:
-            out = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+            out = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
         except subprocess.TimeoutExpired:
             return {**point, "error": f"over {timeout} s"}
         if out.returncode != 0:
             return {**point, "error": " ".join(out.stderr.strip().splitlines()[-1:])}
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    return {**point, "repeats": repeats, "seconds": statistics.median(r["seconds"] for r in runs),
-            "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs)}
+    return {**runs[0], **point, "repeats": repeats, **{k: statistics.median(r[k] for r in runs) for k in keys}}
 
 
 def measure_reformer(impl: str, length: int, batch: int, n_hashes: int, n_layers: int, repeats: int,
@@ -115,7 +120,8 @@ def mode_name(impl: str, n_hashes: int) -> str:
 
 def run(out_dir: Path, quick: bool = False, seed: int = 0, log=print,
         settings: SpeedSettings | None = None) -> dict[str, Any]:
-    from .report import Report, markdown_table, pyplot, save_figure
+    from ..plotting import pyplot, save_figure
+    from .report import Report, markdown_table
 
     settings = settings or (QUICK if quick else SpeedSettings())
     report = Report("speed", out_dir, seed, quick, dataclasses.asdict(settings))

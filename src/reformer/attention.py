@@ -7,8 +7,10 @@ LSH attention, step by step (one named function each):
     unsort             back to (round, position) order                           (rounds.py)
     combine_rounds     weight each round's output by its softmax normaliser
 In the default "bucket" window, where rounds never mix, ``lsh_attention_by_round`` runs the same
-steps one round at a time with an online combination, to bound memory (rounds.py).
-Local attention is the same banded core on the unsorted sequence; full attention is SDPA.
+steps one round at a time with an online combination, to bound memory (rounds.py), and attends on the
+interval core (intervals.py): there a query's allowed keys are one interval of the sorted sequence.
+Local attention is the same core on the unsorted sequence; full attention is SDPA. The general masked
+core of banded.py serves the anchors' wrap-around bands (checkpoint parity) and is the tests' reference.
 All layers take and return (batch, length, d_model) and accept any length: they pad internally to a
 multiple of their chunk length and mask the padding.
 """
@@ -24,6 +26,7 @@ from torch import nn
 from .banded import Band, banded_attention
 from .config import ReformerConfig
 from .hashing import derive_seed, draw_rotations, hash_vectors, total_buckets
+from .intervals import Window, interval_attention, local_spans
 from .rounds import gather_items, lsh_attention_by_round, sort_by_bucket, sorted_validity, unsort
 
 
@@ -210,11 +213,25 @@ class LocalSelfAttention(_SeparateQKV):
         q = split_heads(self.q(x), self.n_heads)
         k = split_heads(self.k(x), self.n_heads) / math.sqrt(self.d_head)
         v = split_heads(self.v(x), self.n_heads)
-        positions = torch.arange(x.shape[1], device=x.device)[None, None, :]
-        valid = None if key_valid is None else key_valid[:, None, :]
-        out, _, _ = banded_attention(q, k, v, positions, self.band, key_valid=valid,
-                                     dropout=self.dropout, training=self.training)
+        if self.band.wrap:   # the anchors' wrap-around band, through the general masked core
+            positions = torch.arange(x.shape[1], device=x.device)[None, None, :]
+            valid = None if key_valid is None else key_valid[:, None, :]
+            out, _, _ = banded_attention(q, k, v, positions, self.band, key_valid=valid,
+                                         dropout=self.dropout, training=self.training)
+        else:                # every query sees one interval of keys (intervals.py)
+            out = self._attend_intervals(q, k, v, key_valid)
         return self.out(merge_heads(out))[:, :length]
+
+    def _attend_intervals(self, q, k, v, key_valid):
+        """(B, H, L, d) each -> (B, H, L, d), the sequences of all rows and heads laid end to end."""
+        batch, heads, length, d = q.shape
+        window = Window(self.band.chunk_length, self.band.before, self.band.after)
+        if key_valid is not None:
+            key_valid = key_valid[:, None, :].expand(batch, heads, length).reshape(-1)
+        spans = local_spans(window, batch * heads * length, length, self.band.causal, key_valid, q.device)
+        out, _, _ = interval_attention(q.reshape(-1, d), k.reshape(-1, d), v.reshape(-1, d), spans, window,
+                                       self.dropout, self.training)
+        return out.view(batch, heads, length, -1)
 
 
 class FullSelfAttention(_SeparateQKV):

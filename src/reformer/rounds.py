@@ -3,14 +3,16 @@
 In the "bucket" window no query ever sees an item of another round, so the rounds can be attended
 one after the other and combined on the fly: an online softmax over rounds (as flash attention does
 over key blocks) keeps one round's sorted copies in memory instead of n_hashes of them, and backward
-recomputes each round instead of storing it.
+recomputes each round instead of storing it. Each round runs on the interval core (intervals.py): in a
+sorted sequence a query's bucket window is one interval of it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .banded import Band, Items, banded_backward, banded_forward, dropout_seed
+from .banded import Band, dropout_seed
+from .intervals import Window, bucket_spans, interval_backward, interval_forward, unpad_keys
 
 
 def sort_by_bucket(buckets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -67,77 +69,107 @@ def sorted_validity(valid: torch.Tensor | None, positions: torch.Tensor) -> torc
     return valid[:, None, :].expand(-1, positions.shape[1], -1).gather(2, positions)
 
 
-def _sorted_round(band: Band, q, k, v, buckets: torch.Tensor, valid: torch.Tensor | None):
-    """One round's items in bucket order, chunked, and the positions they came from (B, H, L)."""
+def _sorted_round(window: Window, causal: bool, q, k, v, buckets: torch.Tensor, valid: torch.Tensor | None):
+    """One round's items in bucket order, the sequences of every batch row and head laid end to end.
+
+    q, k, v: contiguous (B, H, L, d); buckets: (B, H, L). Returns the sorted queries (N, d), the sorted
+    keys and values padded for the interval core, their spans, each sorted item's row in the flattened
+    (B * H * L, d) inputs, and the inverse: where each input row went.
+    """
     _, positions, sorted_buckets = sort_by_bucket(buckets[:, :, None])
-    items = Items.chunked(band, gather_items(q, positions), gather_items(k, positions),
-                          gather_items(v, positions), positions, sorted_buckets,
-                          sorted_validity(valid, positions))
-    return items, positions
+    rows = _row_index(positions, positions.shape[2])
+    unsorted = torch.empty_like(rows).index_copy_(0, rows, torch.arange(rows.shape[0], device=rows.device))
+    query_valid = sorted_validity(valid, positions)
+    spans = bucket_spans(window, sorted_buckets.flatten(), positions.shape[2], causal,
+                         None if query_valid is None else query_valid.flatten())
+    q_sorted = q.view(-1, q.shape[-1]).index_select(0, rows)
+    return q_sorted, _gather_padded(k, rows, window), _gather_padded(v, rows, window), spans, rows, unsorted
 
 
-def _scatter(positions: torch.Tensor, sorted_values: torch.Tensor) -> torch.Tensor:
-    """Sorted (B, H, L[, d]) values back to their positions."""
-    flat = sorted_values.reshape(-1, *sorted_values.shape[3:])
-    out = torch.empty_like(flat).index_copy_(0, _row_index(positions, positions.shape[2]), flat)
-    return out.view_as(sorted_values)
+def _gather_padded(x: torch.Tensor, rows: torch.Tensor, window: Window) -> torch.Tensor:
+    """Rows of x (B, H, L, d) in sorted order, written straight into ``pad_keys``' layout."""
+    d, front, n = x.shape[-1], window.before * window.chunk_length, rows.shape[0]
+    padded = x.new_empty(front + n + window.after * window.chunk_length, d)
+    padded[:front] = 0
+    padded[front + n:] = 0
+    torch.index_select(x.view(-1, d), 0, rows, out=padded[front:front + n])
+    return padded
 
 
-def _scatter_add(total: torch.Tensor, positions: torch.Tensor, sorted_values: torch.Tensor) -> None:
-    """total (B, H, L, d) += sorted values (B, H, L, d) at their positions, in place."""
-    total.view(-1, total.shape[-1]).index_add_(0, _row_index(positions, total.shape[2]),
-                                               sorted_values.reshape(-1, total.shape[-1]))
+def _window(band: Band) -> Window:
+    """The interval core's window for a bucket band.
 
-
-def _round_weights(lse: torch.Tensor, has_other: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-    """Weight of a round in the combination: softmax over the rounds in which the query saw others."""
-    return torch.exp(lse.masked_fill(~has_other, float("-inf")) - total)
+    What a query sees depends only on the reach, before * c items back and after * c ahead, not on
+    where chunk boundaries fall, so the core may cut half chunks: one causal query then scores
+    (2 before + 1) * c / 2 keys instead of (before + 1) * c, 25% less work (measured: a layer step at
+    16K tokens 1.06 s instead of 1.23 s).
+    """
+    c = band.chunk_length
+    if c % 2:
+        return Window(c, band.before, band.after)
+    return Window(c // 2, 2 * band.before, 2 * band.after)
 
 
 def _heads_forward(q, k, v, buckets, valid, band: Band, dropout: float, seed: int):
-    """Rounds one after the other, combined by an online softmax. Returns out, total lse, any_other."""
+    """Rounds one after the other, combined by an online softmax.
+
+    Returns out (B, H, L, d), the total normaliser and any_other (B, H, L), and each round's score
+    (its normaliser, -inf where the query saw only itself) (rounds, B * H * L) for backward.
+    """
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()   # each round reads rows out of these
-    batch, heads, rounds, length = buckets.shape
-    acc = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
-    best = q.new_full((batch, heads, length), float("-inf"))
-    norm = q.new_zeros((batch, heads, length))
+    window = _window(band)
+    rounds = buckets.shape[2]
+    n, d = q.shape[0] * q.shape[1] * q.shape[2], v.shape[-1]
+    acc = v.new_zeros(n, d)
+    best = q.new_full((n,), float("-inf"))
+    norm = q.new_zeros(n)
+    scores = q.new_empty(rounds, n)
     for r in range(rounds):
-        items, positions = _sorted_round(band, q, k, v, buckets[:, :, r], valid)
-        out, lse, has_other = banded_forward(band, items, dropout, seed + r)
-        out, lse, has_other = (_scatter(positions, t.flatten(2, 3)) for t in (out, lse, has_other))
-        score = lse.masked_fill(~has_other, float("-inf"))
-        new_best = torch.maximum(best, score)
+        q_sorted, k_padded, v_padded, spans, _, unsorted = _sorted_round(window, band.causal, q, k, v,
+                                                                         buckets[:, :, r], valid)
+        out, lse, has_other = interval_forward(q_sorted, k_padded, v_padded, spans, window, dropout, seed + r)
+        out = out.index_select(0, unsorted)                           # back to (batch, head, position)
+        torch.index_select(lse.masked_fill(~has_other, float("-inf")), 0, unsorted, out=scores[r])
+        new_best = torch.maximum(best, scores[r])
         seen = torch.isfinite(new_best)
         rescale = torch.where(seen, torch.exp(best - new_best), 1.0)
-        weight = torch.where(seen, torch.exp(score - new_best), 0.0)
-        acc = acc * rescale[..., None] + weight[..., None] * out
+        weight = torch.where(seen, torch.exp(scores[r] - new_best), 0.0)
+        acc = acc.mul_(rescale[:, None]).add_(weight[:, None] * out)
         norm, best = norm * rescale + weight, new_best
     any_other = norm > 0
     # A query that saw only itself in every round returns its own value, exactly.
-    out = torch.where(any_other[..., None], acc / norm.clamp_min(1e-30)[..., None], v)
-    return out, best + torch.log(norm), any_other
+    out = torch.where(any_other[:, None], acc / norm.clamp_min(1e-30)[:, None], v.view(n, d))
+    total = best + torch.log(norm)
+    return out.view(v.shape), total.view(v.shape[:3]), any_other.view(v.shape[:3]), scores
 
 
-def _heads_backward(q, k, v, buckets, valid, out, total, any_other, d_out, band: Band, dropout: float,
-                    seed: int):
-    """Gradients (dq, dk, dv) of ``_heads_forward``, recomputing each round."""
-    q, k, v, out, d_out = (t.contiguous() for t in (q, k, v, out, d_out))   # rows are read per round
-    c = band.chunk_length
-    d_q, d_k, d_v = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+def _heads_backward(q, k, v, buckets, valid, out, total, any_other, scores, d_out, band: Band,
+                    dropout: float, seed: int):
+    """Gradients (dq, dk, dv) of ``_heads_forward``, recomputing each round's scores.
+
+    With o = sum_r w_r o_r and w_r = exp(l_r - total), the gradient of round r's logit x_j is
+    w_r P_j (g . v_j - g . o) (the paths through o_r and through l_r together), so a round needs only
+    its weight and the final output: d_out scaled by w_r, and row = w_r (g . o).
+    """
+    q, k, v, d_out = (t.contiguous() for t in (q, k, v, d_out))   # rows are read per round
+    window = _window(band)
+    n, d = scores.shape[1], v.shape[-1]
+    d_out = d_out.view(n, d)
+    g_dot_o = (d_out * out.reshape(n, d)).sum(dim=-1)
+    any_other, total = any_other.reshape(n), total.reshape(n)
+    d_q = d_k = d_v = None
     for r in range(buckets.shape[2]):
-        items, positions = _sorted_round(band, q, k, v, buckets[:, :, r], valid)
-        out_sorted, lse, has_other = banded_forward(band, items, dropout, seed + r)
-        weight = _round_weights(lse.flatten(2, 3), has_other.flatten(2, 3), total.gather(2, positions))
-        weight = weight.masked_fill(~any_other.gather(2, positions), 0.0)
-        d_out_sorted = gather_items(d_out, positions)
-        d_round = weight[..., None] * d_out_sorted
-        d_lse = weight * ((out_sorted.flatten(2, 3) - gather_items(out, positions)) * d_out_sorted).sum(dim=-1)
-        grads = banded_backward(band, items, out_sorted, d_round.unflatten(2, (-1, c)),
-                                d_lse.unflatten(2, (-1, c)), dropout, seed + r)
-        for total_grad, grad in zip((d_q, d_k, d_v), grads):
-            _scatter_add(total_grad, positions, grad)
-    d_v += torch.where(any_other[..., None], 0.0, d_out)
-    return d_q, d_k, d_v
+        q_sorted, k_padded, v_padded, spans, rows, unsorted = _sorted_round(window, band.causal, q, k, v,
+                                                                            buckets[:, :, r], valid)
+        weight = torch.exp(scores[r] - total).masked_fill(~any_other, 0.0)
+        d_round = d_out.index_select(0, rows).mul_(weight[rows, None])
+        grads = interval_backward(q_sorted, k_padded, v_padded, spans, window, d_round,
+                                  (weight * g_dot_o)[rows], dropout, seed + r)
+        grads = [grad.index_select(0, unsorted) for grad in (grads[0], unpad_keys(grads[1], window),
+                                                             unpad_keys(grads[2], window))]
+        d_q, d_k, d_v = grads if d_q is None else (d_q.add_(grads[0]), d_k.add_(grads[1]), d_v.add_(grads[2]))
+    d_v += torch.where(any_other[:, None], 0.0, d_out)
+    return d_q.view(q.shape), d_k.view(k.shape), d_v.view(v.shape)
 
 
 HEAD_GROUP_ELEMENTS = 1 << 20   # q values of the heads attended together (4 MiB in float32)
@@ -158,22 +190,24 @@ class _LSHByRound(torch.autograd.Function):
         out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         total = q.new_empty(buckets.shape[:2] + buckets.shape[3:])
         any_other = torch.empty(total.shape, dtype=torch.bool, device=q.device)
+        scores = []
         for part in _head_groups(q):
-            out[:, part], total[:, part], any_other[:, part] = _heads_forward(
+            out[:, part], total[:, part], any_other[:, part], part_scores = _heads_forward(
                 q[:, part], k[:, part], v[:, part], buckets[:, part], valid, band, dropout,
                 seed + part.start * buckets.shape[2])
-        ctx.save_for_backward(q, k, v, buckets, valid, out, total, any_other)
+            scores.append(part_scores)
+        ctx.save_for_backward(q, k, v, buckets, valid, out, total, any_other, *scores)
         ctx.band, ctx.dropout, ctx.seed = band, dropout, seed
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, v, buckets, valid, out, total, any_other = ctx.saved_tensors
+        q, k, v, buckets, valid, out, total, any_other, *scores = ctx.saved_tensors
         grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
-        for part in _head_groups(q):
+        for part, part_scores in zip(_head_groups(q), scores):
             for grad, head_grad in zip(grads, _heads_backward(
                     q[:, part], k[:, part], v[:, part], buckets[:, part], valid, out[:, part], total[:, part],
-                    any_other[:, part], d_out[:, part], ctx.band, ctx.dropout,
+                    any_other[:, part], part_scores, d_out[:, part], ctx.band, ctx.dropout,
                     ctx.seed + part.start * buckets.shape[2])):
                 grad[:, part] = head_grad
         return (*grads, None, None, None, None, None)
@@ -185,8 +219,8 @@ def lsh_attention_by_round(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bu
     """LSH attention with a "bucket" window, rounds attended one at a time and combined.
 
     q, k, v: (batch, heads, length, d_head), length a multiple of the chunk; keys already normalised.
-    buckets: (batch, heads, rounds, length) ids, unique across rounds (``hash_with_padding``).
-    key_valid: (batch, length) bool or None. Returns (batch, heads, length, d_head).
+    buckets: (batch, heads, rounds, length) ids, unique across rounds, padding in buckets of its own
+    (``hash_with_padding``). key_valid: (batch, length) bool or None. Returns (batch, heads, length, d_head).
     """
     if band.wrap or not band.same_bucket:
         raise ValueError("lsh_attention_by_round needs a band with same_bucket=True and no wrap-around")

@@ -150,23 +150,27 @@ def test_banded_core_gradients_are_exact(name, dropout):
 
 
 def _random_rounds(seed, rounds=3, n=32, d=4, dtype=torch.float64):
+    """Shared-QK inputs: queries, a positive key scale per item (keys are q * scale) and values."""
     g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(2, 2, n, d, generator=g, dtype=dtype, requires_grad=True) for _ in range(3))
+    q, v = (torch.randn(2, 2, n, d, generator=g, dtype=dtype, requires_grad=True) for _ in range(2))
+    scale = (0.5 + torch.rand(2, 2, n, generator=g, dtype=dtype)).requires_grad_()
     buckets = torch.randint(0, 3, (2, 2, rounds, n), generator=g)
     buckets[1, :, :, n - 5:] = 3                                  # padding bucket of the second sequence
     buckets = buckets + 4 * torch.arange(rounds)[:, None]         # ids unique across rounds
     valid = torch.ones(2, n, dtype=torch.bool)
     valid[1, n - 5:] = False
-    return q, k, v, buckets, valid
+    return q, scale, v, buckets, valid
 
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_round_by_round_equals_all_rounds_at_once(causal):
+    """The interval core, round by round, against the masked core on all rounds sorted together."""
     from reformer.attention import combine_rounds
     from reformer.rounds import gather_items, lsh_attention_by_round, sort_by_bucket, unsort
 
     band = Band(4, 1, 0 if causal else 1, causal=causal, same_bucket=True, mask_self=True)
-    q, k, v, buckets, valid = _random_rounds(0)
+    q, scale, v, buckets, valid = _random_rounds(0)
+    k = q * scale[..., None]
     order, positions, sorted_buckets = sort_by_bucket(buckets)
     out, lse, has_other = banded_attention(
         gather_items(q, positions), gather_items(k, positions), gather_items(v, positions), positions, band,
@@ -174,8 +178,12 @@ def test_round_by_round_equals_all_rounds_at_once(causal):
     out, lse, has_other = unsort(order, out, lse, has_other)
     shape = (2, 2, 3, 32)
     expected = combine_rounds(out.reshape(*shape, -1), lse.reshape(shape), has_other.reshape(shape))
-    torch.testing.assert_close(lsh_attention_by_round(q, k, v, buckets, band, valid), expected,
-                               atol=1e-12, rtol=0)
+    got = lsh_attention_by_round(q, scale, v, buckets, band, valid)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+    g = torch.randn_like(got)
+    grads = [torch.autograd.grad((t * g).sum(), (q, scale, v)) for t in (expected, got)]
+    for want, have in zip(*grads):
+        torch.testing.assert_close(have, want, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
@@ -183,10 +191,10 @@ def test_round_by_round_gradients_are_exact(dropout):
     from reformer.rounds import lsh_attention_by_round
 
     band = Band(4, 1, 0, causal=True, same_bucket=True, mask_self=True)
-    q, k, v, buckets, valid = _random_rounds(1, n=16)
+    q, scale, v, buckets, valid = _random_rounds(1, n=16)
 
-    def run(q, k, v):
+    def run(q, scale, v):
         torch.manual_seed(2)   # the same dropout masks on every evaluation
-        return lsh_attention_by_round(q, k, v, buckets, band, valid, dropout=dropout, training=True)
+        return lsh_attention_by_round(q, scale, v, buckets, band, valid, dropout=dropout, training=True)
 
-    assert torch.autograd.gradcheck(run, (q, k, v), eps=1e-6, atol=1e-6, fast_mode=True)
+    assert torch.autograd.gradcheck(run, (q, scale, v), eps=1e-6, atol=1e-6, fast_mode=True)

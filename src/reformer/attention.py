@@ -53,13 +53,18 @@ def pad_to_multiple(x: torch.Tensor, key_valid: torch.Tensor | None,
     return x, F.pad(key_valid, (0, extra), value=False)
 
 
+def key_scale(qk: torch.Tensor) -> torch.Tensor:
+    """(..., d) -> (...): the factor that turns queries into shared-QK keys (``normalize_keys``)."""
+    return torch.rsqrt(qk.pow(2).mean(dim=-1) + 1e-6) / math.sqrt(qk.shape[-1])
+
+
 def normalize_keys(qk: torch.Tensor) -> torch.Tensor:
     """Keys of shared-QK attention: the query direction, x * rsqrt(mean(x^2) + 1e-6) / sqrt(d).
 
     This is trax's and transformers' convention; logits are then q . k_hat with no further scaling.
+    Written in transformers' order of operations, for bit-identical logits.
     """
-    d = qk.shape[-1]
-    return qk * torch.rsqrt(qk.pow(2).mean(dim=-1, keepdim=True) + 1e-6) / math.sqrt(d)
+    return qk * torch.rsqrt(qk.pow(2).mean(dim=-1, keepdim=True) + 1e-6) / math.sqrt(qk.shape[-1])
 
 
 def hash_with_padding(qk: torch.Tensor, rotations: torch.Tensor, n_buckets: int | tuple[int, int],
@@ -150,7 +155,7 @@ class LSHSelfAttention(nn.Module):
         buckets = hash_with_padding(qk, self.rotations(n_hashes), self.n_buckets, key_valid)
         if self.band.same_bucket:
             # Rounds never mix in the bucket window: attend them one at a time (rounds.py).
-            out = lsh_attention_by_round(qk, normalize_keys(qk), v, buckets, self.band, key_valid,
+            out = lsh_attention_by_round(qk, key_scale(qk), v, buckets, self.band, key_valid,
                                          self.dropout, self.training)
             return self.out(merge_heads(out))[:, :length]
 

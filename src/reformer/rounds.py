@@ -9,10 +9,12 @@ sorted sequence a query's bucket window is one interval of it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .banded import Band, dropout_seed
-from .intervals import Window, bucket_spans, interval_backward, interval_forward, unpad_keys
+from .intervals import Spans, Window, bucket_spans, interval_backward, interval_forward, unpad_keys
 
 
 def sort_by_bucket(buckets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -35,24 +37,33 @@ def _row_index(index: torch.Tensor, length: int) -> torch.Tensor:
     return (index + offsets.view(index.shape[0], index.shape[1], 1)).flatten()
 
 
+def storage_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """x (batch, heads, length, d) as rows of its storage: a (rows, d) view and each item's row number
+    (batch, heads, length); None when its items are not whole rows (then copy or gather instead).
+
+    Covers contiguous tensors, split_heads' (batch, length, heads, d) layout and head slices of either,
+    so that sorted rows can be read from, and gradients written into, a projection's memory in place.
+    """
+    d = x.shape[-1]
+    if x.stride(-1) != 1 or x.storage_offset() % d or any(s % d for s in x.stride()[:3]):
+        return None
+    flat = x.as_strided((x.untyped_storage().nbytes() // x.element_size() // d, d), (d, 1), 0)
+    b, h, n = (torch.arange(size, device=x.device) * (stride // d) for size, stride in zip(x.shape[:3], x.stride()[:3]))
+    return flat, x.storage_offset() // d + b[:, None, None] + h[None, :, None] + n[None, None, :]
+
+
 def gather_items(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (batch, heads, length, d) at index (batch, heads, m) -> (batch, heads, m, d).
 
-    A row copy (index_select on the flattened rows): several times faster on the CPU than gather with
-    an index expanded over d. Reads x in place when it is contiguous, or a head-split view of a
-    contiguous (batch, length, heads, d) projection; any other layout (a slice of a cache, say) is
-    gathered without copying it whole.
+    A row copy (index_select on the storage's rows): several times faster on the CPU than gather with
+    an index expanded over d, and it reads x in place in any layout ``storage_rows`` covers; any other
+    layout is gathered without copying it whole.
     """
-    batch, heads, length, d = x.shape
-    if x.is_contiguous():
-        rows, flat = _row_index(index, length), x.view(-1, d)
-    elif x.transpose(1, 2).is_contiguous():        # (B, L, H, d) memory, as split_heads leaves it
-        rows = index * heads + torch.arange(heads, device=index.device)[None, :, None]
-        rows = rows + (torch.arange(batch, device=index.device) * length * heads)[:, None, None]
-        flat = x.transpose(1, 2).reshape(-1, d)
-    else:
-        return x.gather(2, index[..., None].expand(*index.shape, d))
-    return flat.index_select(0, rows.flatten()).view(*index.shape, d)
+    rows = storage_rows(x)
+    if rows is None:
+        return x.gather(2, index[..., None].expand(*index.shape, x.shape[-1]))
+    flat, numbers = rows
+    return flat.index_select(0, numbers.gather(2, index).flatten()).view(*index.shape, x.shape[-1])
 
 
 def unsort(order: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -69,30 +80,51 @@ def sorted_validity(valid: torch.Tensor | None, positions: torch.Tensor) -> torc
     return valid[:, None, :].expand(-1, positions.shape[1], -1).gather(2, positions)
 
 
-def _sorted_round(window: Window, causal: bool, q, k, v, buckets: torch.Tensor, valid: torch.Tensor | None):
+@dataclass
+class SortedRound:
     """One round's items in bucket order, the sequences of every batch row and head laid end to end.
 
-    q, k, v: contiguous (B, H, L, d); buckets: (B, H, L). Returns the sorted queries (N, d), the sorted
-    keys and values padded for the interval core, their spans, each sorted item's row in the flattened
-    (B * H * L, d) inputs, and the inverse: where each input row went.
+    q: sorted queries (N, d); k_padded, v_padded: sorted keys (queries times their key scale) and
+    values in the interval core's padded layout; key_scale: (N,) sorted; spans: what each query sees;
+    positions: (B, H, L) the position of each sorted item; order: its index in (B * H * L) position
+    order, and unsorted the inverse.
     """
+
+    q: torch.Tensor
+    k_padded: torch.Tensor
+    v_padded: torch.Tensor
+    key_scale: torch.Tensor
+    spans: Spans
+    positions: torch.Tensor
+    order: torch.Tensor
+    unsorted: torch.Tensor
+
+
+def sorted_round(window: Window, causal: bool, qk, key_scale, v, buckets: torch.Tensor,
+                 valid: torch.Tensor | None) -> SortedRound:
+    """qk, v: (B, H, L, d); key_scale: (B, H, L); buckets: (B, H, L) of one round."""
     _, positions, sorted_buckets = sort_by_bucket(buckets[:, :, None])
-    rows = _row_index(positions, positions.shape[2])
-    unsorted = torch.empty_like(rows).index_copy_(0, rows, torch.arange(rows.shape[0], device=rows.device))
+    order = _row_index(positions, positions.shape[2])
+    unsorted = torch.empty_like(order).index_copy_(0, order, torch.arange(order.shape[0], device=order.device))
     query_valid = sorted_validity(valid, positions)
     spans = bucket_spans(window, sorted_buckets.flatten(), positions.shape[2], causal,
                          None if query_valid is None else query_valid.flatten())
-    q_sorted = q.view(-1, q.shape[-1]).index_select(0, rows)
-    return q_sorted, _gather_padded(k, rows, window), _gather_padded(v, rows, window), spans, rows, unsorted
+    q = gather_items(qk, positions).view(-1, qk.shape[-1])
+    scale = key_scale.reshape(-1).index_select(0, order)
+    k_padded = _gather_padded(qk, positions, window)
+    unpad_keys(k_padded, window).mul_(scale[:, None])
+    return SortedRound(q, k_padded, _gather_padded(v, positions, window), scale, spans, positions, order,
+                       unsorted)
 
 
-def _gather_padded(x: torch.Tensor, rows: torch.Tensor, window: Window) -> torch.Tensor:
-    """Rows of x (B, H, L, d) in sorted order, written straight into ``pad_keys``' layout."""
-    d, front, n = x.shape[-1], window.before * window.chunk_length, rows.shape[0]
+def _gather_padded(x: torch.Tensor, positions: torch.Tensor, window: Window) -> torch.Tensor:
+    """x (B, H, L, d) at positions (B, H, L), as (N, d) rows written straight into ``pad_keys``' layout."""
+    rows = storage_rows(x) or storage_rows(x.contiguous())
+    d, front, n = x.shape[-1], window.before * window.chunk_length, positions.numel()
     padded = x.new_empty(front + n + window.after * window.chunk_length, d)
     padded[:front] = 0
     padded[front + n:] = 0
-    torch.index_select(x.view(-1, d), 0, rows, out=padded[front:front + n])
+    torch.index_select(rows[0], 0, rows[1].gather(2, positions).flatten(), out=padded[front:front + n])
     return padded
 
 
@@ -110,26 +142,26 @@ def _window(band: Band) -> Window:
     return Window(c // 2, 2 * band.before, 2 * band.after)
 
 
-def _heads_forward(q, k, v, buckets, valid, band: Band, dropout: float, seed: int):
+def _heads_forward(qk, key_scale, v, buckets, valid, band: Band, dropout: float, seed: int):
     """Rounds one after the other, combined by an online softmax.
 
     Returns out (B, H, L, d), the total normaliser and any_other (B, H, L), and each round's score
     (its normaliser, -inf where the query saw only itself) (rounds, B * H * L) for backward.
     """
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()   # each round reads rows out of these
     window = _window(band)
     rounds = buckets.shape[2]
-    n, d = q.shape[0] * q.shape[1] * q.shape[2], v.shape[-1]
+    n, d = v.shape[0] * v.shape[1] * v.shape[2], v.shape[-1]
     acc = v.new_zeros(n, d)
-    best = q.new_full((n,), float("-inf"))
-    norm = q.new_zeros(n)
-    scores = q.new_empty(rounds, n)
+    best = qk.new_full((n,), float("-inf"))
+    norm = qk.new_zeros(n)
+    scores = qk.new_empty(rounds, n)
     for r in range(rounds):
-        q_sorted, k_padded, v_padded, spans, _, unsorted = _sorted_round(window, band.causal, q, k, v,
-                                                                         buckets[:, :, r], valid)
-        out, lse, has_other = interval_forward(q_sorted, k_padded, v_padded, spans, window, dropout, seed + r)
-        out = out.index_select(0, unsorted)                           # back to (batch, head, position)
-        torch.index_select(lse.masked_fill(~has_other, float("-inf")), 0, unsorted, out=scores[r])
+        items = sorted_round(window, band.causal, qk, key_scale, v, buckets[:, :, r], valid)
+        out, lse, has_other = interval_forward(items.q, items.k_padded, items.v_padded, items.spans, window,
+                                               dropout, seed + r)
+        del items.k_padded, items.v_padded
+        out = out.index_select(0, items.unsorted)                     # back to (batch, head, position)
+        torch.index_select(lse.masked_fill(~has_other, float("-inf")), 0, items.unsorted, out=scores[r])
         new_best = torch.maximum(best, scores[r])
         seen = torch.isfinite(new_best)
         rescale = torch.where(seen, torch.exp(best - new_best), 1.0)
@@ -138,38 +170,41 @@ def _heads_forward(q, k, v, buckets, valid, band: Band, dropout: float, seed: in
         norm, best = norm * rescale + weight, new_best
     any_other = norm > 0
     # A query that saw only itself in every round returns its own value, exactly.
-    out = torch.where(any_other[:, None], acc / norm.clamp_min(1e-30)[:, None], v.view(n, d))
+    out = torch.where(any_other[:, None], acc / norm.clamp_min(1e-30)[:, None], v.reshape(n, d))
     total = best + torch.log(norm)
     return out.view(v.shape), total.view(v.shape[:3]), any_other.view(v.shape[:3]), scores
 
 
-def _heads_backward(q, k, v, buckets, valid, out, total, any_other, scores, d_out, band: Band,
-                    dropout: float, seed: int):
-    """Gradients (dq, dk, dv) of ``_heads_forward``, recomputing each round's scores.
+def _heads_backward(qk, key_scale, v, buckets, valid, out, total, any_other, scores, d_out, band: Band,
+                    dropout: float, seed: int, d_qk: torch.Tensor, d_scale: torch.Tensor, d_v: torch.Tensor):
+    """Gradients of ``_heads_forward``, recomputing each round's scores, written into d_qk, d_scale and d_v
+    (views of the layer's gradients, (B, H, L, d) and (B, H, L); rows are added in place, no copies).
 
     With o = sum_r w_r o_r and w_r = exp(l_r - total), the gradient of round r's logit x_j is
     w_r P_j (g . v_j - g . o) (the paths through o_r and through l_r together), so a round needs only
-    its weight and the final output: d_out scaled by w_r, and row = w_r (g . o).
+    its weight and the final output: d_out scaled by w_r, and row = w_r (g . o). Keys are qk * scale:
+    their gradient goes to qk (times the scale) and to the scale (dotted with qk).
     """
-    q, k, v, d_out = (t.contiguous() for t in (q, k, v, d_out))   # rows are read per round
     window = _window(band)
-    n, d = scores.shape[1], v.shape[-1]
-    d_out = d_out.view(n, d)
-    g_dot_o = (d_out * out.reshape(n, d)).sum(dim=-1)
-    any_other, total = any_other.reshape(n), total.reshape(n)
-    d_q = d_k = d_v = None
+    g_dot_o = (d_out * out).sum(dim=-1).flatten()
+    any_other, total = any_other.flatten(), total.flatten()
+    (qk_grad, qk_rows), (v_grad, v_rows) = storage_rows(d_qk), storage_rows(d_v)
+    scale_grad = torch.zeros_like(total)
     for r in range(buckets.shape[2]):
-        q_sorted, k_padded, v_padded, spans, rows, unsorted = _sorted_round(window, band.causal, q, k, v,
-                                                                            buckets[:, :, r], valid)
-        weight = torch.exp(scores[r] - total).masked_fill(~any_other, 0.0)
-        d_round = d_out.index_select(0, rows).mul_(weight[rows, None])
-        grads = interval_backward(q_sorted, k_padded, v_padded, spans, window, d_round,
-                                  (weight * g_dot_o)[rows], dropout, seed + r)
-        grads = [grad.index_select(0, unsorted) for grad in (grads[0], unpad_keys(grads[1], window),
-                                                             unpad_keys(grads[2], window))]
-        d_q, d_k, d_v = grads if d_q is None else (d_q.add_(grads[0]), d_k.add_(grads[1]), d_v.add_(grads[2]))
-    d_v += torch.where(any_other[:, None], 0.0, d_out)
-    return d_q.view(q.shape), d_k.view(k.shape), d_v.view(v.shape)
+        items = sorted_round(window, band.causal, qk, key_scale, v, buckets[:, :, r], valid)
+        weight = torch.exp(scores[r] - total).masked_fill(~any_other, 0.0).index_select(0, items.order)
+        d_round = gather_items(d_out, items.positions).view(-1, d_out.shape[-1]).mul_(weight[:, None])
+        d_q, d_k, d_v_round = interval_backward(items.q, items.k_padded, items.v_padded, items.spans, window,
+                                                d_round, weight * g_dot_o.index_select(0, items.order),
+                                                dropout, seed + r)
+        del items.k_padded, items.v_padded, d_round
+        d_k = unpad_keys(d_k, window)
+        scale_grad += (d_k * items.q).sum(dim=-1).index_select(0, items.unsorted)
+        add = torch.Tensor.index_copy_ if r == 0 else torch.Tensor.index_add_
+        add(qk_grad, 0, qk_rows.gather(2, items.positions).flatten(), d_q.addcmul_(d_k, items.key_scale[:, None]))
+        add(v_grad, 0, v_rows.gather(2, items.positions).flatten(), unpad_keys(d_v_round, window))
+    d_scale.copy_(scale_grad.view(d_scale.shape))
+    d_v.add_(d_out * (~any_other).view(*d_out.shape[:3], 1))   # queries that returned their own value
 
 
 HEAD_GROUP_ELEMENTS = 1 << 20   # q values of the heads attended together (4 MiB in float32)
@@ -183,46 +218,57 @@ def _head_groups(q: torch.Tensor) -> list[slice]:
 
 
 class _LSHByRound(torch.autograd.Function):
-    """Heads a group at a time, rounds one at a time: memory holds one group's round of sorted copies."""
+    """Heads a group at a time, rounds one at a time: memory holds one group's round of sorted copies.
+
+    The output and the input gradients are laid out (batch, length, heads, d), so that merging and
+    splitting heads around the layer's projections are views, not copies.
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, buckets, valid, band, dropout, seed):
-        out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-        total = q.new_empty(buckets.shape[:2] + buckets.shape[3:])
-        any_other = torch.empty(total.shape, dtype=torch.bool, device=q.device)
+    def forward(ctx, qk, key_scale, v, buckets, valid, band, dropout, seed):
+        out = _heads_last(v)
+        total = qk.new_empty(key_scale.shape)
+        any_other = torch.empty(total.shape, dtype=torch.bool, device=qk.device)
         scores = []
-        for part in _head_groups(q):
+        for part in _head_groups(qk):
             out[:, part], total[:, part], any_other[:, part], part_scores = _heads_forward(
-                q[:, part], k[:, part], v[:, part], buckets[:, part], valid, band, dropout,
+                qk[:, part], key_scale[:, part], v[:, part], buckets[:, part], valid, band, dropout,
                 seed + part.start * buckets.shape[2])
             scores.append(part_scores)
-        ctx.save_for_backward(q, k, v, buckets, valid, out, total, any_other, *scores)
+        ctx.save_for_backward(qk, key_scale, v, buckets, valid, out, total, any_other, *scores)
         ctx.band, ctx.dropout, ctx.seed = band, dropout, seed
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, v, buckets, valid, out, total, any_other, *scores = ctx.saved_tensors
-        grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
-        for part, part_scores in zip(_head_groups(q), scores):
-            for grad, head_grad in zip(grads, _heads_backward(
-                    q[:, part], k[:, part], v[:, part], buckets[:, part], valid, out[:, part], total[:, part],
-                    any_other[:, part], part_scores, d_out[:, part], ctx.band, ctx.dropout,
-                    ctx.seed + part.start * buckets.shape[2])):
-                grad[:, part] = head_grad
+        qk, key_scale, v, buckets, valid, out, total, any_other, *scores = ctx.saved_tensors
+        grads = [_heads_last(qk), torch.empty_like(key_scale), _heads_last(v)]
+        for part, part_scores in zip(_head_groups(qk), scores):
+            _heads_backward(qk[:, part], key_scale[:, part], v[:, part], buckets[:, part], valid, out[:, part],
+                            total[:, part], any_other[:, part], part_scores, d_out[:, part], ctx.band,
+                            ctx.dropout, ctx.seed + part.start * buckets.shape[2], *(g[:, part] for g in grads))
         return (*grads, None, None, None, None, None)
 
 
-def lsh_attention_by_round(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor,
+def _heads_last(x: torch.Tensor) -> torch.Tensor:
+    """An empty (B, H, L, d) tensor like x, stored as (B, L, H, d) (split_heads' layout)."""
+    batch, heads, length, d = x.shape
+    return x.new_empty(batch, length, heads, d).transpose(1, 2)
+
+
+def lsh_attention_by_round(qk: torch.Tensor, key_scale: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor,
                            band: Band, key_valid: torch.Tensor | None = None, dropout: float = 0.0,
                            training: bool = False) -> torch.Tensor:
-    """LSH attention with a "bucket" window, rounds attended one at a time and combined.
+    """Shared-QK LSH attention with a "bucket" window, rounds attended one at a time and combined.
 
-    q, k, v: (batch, heads, length, d_head), length a multiple of the chunk; keys already normalised.
-    buckets: (batch, heads, rounds, length) ids, unique across rounds, padding in buckets of its own
-    (``hash_with_padding``). key_valid: (batch, length) bool or None. Returns (batch, heads, length, d_head).
+    qk, v: (batch, heads, length, d_head), length a multiple of the chunk. key_scale: (batch, heads,
+    length); the keys are qk * key_scale (``key_scale``), formed per round so that no full-size key
+    tensor is stored. buckets: (batch, heads, rounds, length) ids, unique across rounds, padding in
+    buckets of its own (``hash_with_padding``). key_valid: (batch, length) bool or None.
+    Returns (batch, heads, length, d_head), stored as (batch, length, heads, d_head).
     """
     if band.wrap or not band.same_bucket:
         raise ValueError("lsh_attention_by_round needs a band with same_bucket=True and no wrap-around")
     dropout = dropout if training else 0.0
-    return _LSHByRound.apply(q, k, v, buckets, key_valid, band, dropout, dropout_seed() if dropout else 0)
+    return _LSHByRound.apply(qk, key_scale, v, buckets, key_valid, band, dropout,
+                             dropout_seed() if dropout else 0)

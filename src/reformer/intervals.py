@@ -182,13 +182,14 @@ def _dropped(probs, dropout: float, seed: int, start: int):
 
 
 def interval_forward(q: torch.Tensor, k_padded: torch.Tensor, v_padded: torch.Tensor, spans: Spans,
-                     window: Window, dropout: float = 0.0, seed: int = 0):
+                     window: Window, dropout: float = 0.0, seed: int = 0, out: torch.Tensor | None = None):
     """Attention of each query to its span. q: (N, d); k_padded, v_padded: ``pad_keys`` of (N, d).
 
-    Returns out (N, d_v), the logsumexp of each query's allowed logits (N,) and has_other (N,) bool.
+    Returns out (N, d_v) (written into ``out`` if given), the logsumexp of each query's allowed logits
+    (N,) and has_other (N,) bool.
     """
     c, n = window.chunk_length, q.shape[0]
-    out = q.new_empty(n, v_padded.shape[-1])
+    out = q.new_empty(n, v_padded.shape[-1]) if out is None else out
     lse = q.new_empty(n // c, c)
     has_other = torch.empty(n // c, c, dtype=torch.bool, device=q.device)
     valid = _valid_padded(spans, window)
@@ -203,15 +204,19 @@ def interval_forward(q: torch.Tensor, k_padded: torch.Tensor, v_padded: torch.Te
 
 def interval_backward(q: torch.Tensor, k_padded: torch.Tensor, v_padded: torch.Tensor, spans: Spans,
                       window: Window, d_out: torch.Tensor, row: torch.Tensor, dropout: float = 0.0,
-                      seed: int = 0):
+                      seed: int = 0, grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
     """Gradients (dq (N, d), dk_padded, dv_padded) given d_out (N, d_v) and ``row`` (N,).
 
     d logits = P * (dP - row), dP = d_out . v: with row = sum(d_out * out) - d_lse this is the
     gradient of (out, lse); LSH passes its own row to fold in the combination of rounds (rounds.py).
+    ``grads``: tensors shaped like q, k_padded and v_padded to write the gradients into (reused rows).
     """
     c, n = window.chunk_length, q.shape[0]
-    d_q = torch.empty_like(q)
-    d_k, d_v = torch.zeros_like(k_padded), torch.zeros_like(v_padded)
+    if grads is None:
+        grads = torch.empty_like(q), torch.empty_like(k_padded), torch.empty_like(v_padded)
+    d_q, d_k, d_v = grads
+    d_k.zero_()
+    d_v.zero_()
     valid = _valid_padded(spans, window)
     for start, stop in _blocks(n // c, window):
         rows = slice(start * c, stop * c)

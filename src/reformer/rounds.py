@@ -80,6 +80,31 @@ def sorted_validity(valid: torch.Tensor | None, positions: torch.Tensor) -> torc
     return valid[:, None, :].expand(-1, positions.shape[1], -1).gather(2, positions)
 
 
+class RoundBuffers:
+    """Rows that every round of a head group reuses: sorted queries, padded keys and values (for the
+    interval core), the core's output, and one block of rows in position order.
+
+    At 64K tokens each is 16 MiB; allocated afresh per round, such blocks come from (and go back to)
+    the system each time, and the page faults cost more than the copies themselves.
+    """
+
+    def __init__(self, window: Window, n: int, d_qk: int, d_v: int, like: torch.Tensor, output: bool):
+        c = window.chunk_length
+        padded = window.before * c + n + window.after * c
+        self.window = window
+        self.q = like.new_empty(n, d_qk)
+        self.k_padded = like.new_zeros(padded, d_qk)   # the padding rows stay zero
+        self.v_padded = like.new_zeros(padded, d_v)
+        self.rows = like.new_empty(n, max(d_qk, d_v))
+        self.out = like.new_empty(n, d_v) if output else None   # forward only
+
+    def unsort(self, sorted_rows: torch.Tensor, unsorted: torch.Tensor) -> torch.Tensor:
+        """Sorted (N, d) rows back in position order, in the reused block."""
+        out = self.rows[:, :sorted_rows.shape[1]]
+        return torch.index_select(sorted_rows, 0, unsorted, out=out) if out.is_contiguous() else \
+            sorted_rows.index_select(0, unsorted)
+
+
 @dataclass
 class SortedRound:
     """One round's items in bucket order, the sequences of every batch row and head laid end to end.
@@ -100,32 +125,29 @@ class SortedRound:
     unsorted: torch.Tensor
 
 
-def sorted_round(window: Window, causal: bool, qk, key_scale, v, buckets: torch.Tensor,
-                 valid: torch.Tensor | None) -> SortedRound:
-    """qk, v: (B, H, L, d); key_scale: (B, H, L); buckets: (B, H, L) of one round."""
-    _, positions, sorted_buckets = sort_by_bucket(buckets[:, :, None])
+def sorted_round(buffers: RoundBuffers, causal: bool, qk, key_scale, v, buckets: torch.Tensor,
+                 positions: torch.Tensor, valid: torch.Tensor | None) -> SortedRound:
+    """Gather one round's items into ``buffers``.
+
+    qk, v: (B, H, L, d); key_scale: (B, H, L); buckets: (B, H, L) of the round; positions: (B, H, L)
+    its sort order (``sort_by_bucket``)."""
+    window = buffers.window
     order = _row_index(positions, positions.shape[2])
     unsorted = torch.empty_like(order).index_copy_(0, order, torch.arange(order.shape[0], device=order.device))
     query_valid = sorted_validity(valid, positions)
-    spans = bucket_spans(window, sorted_buckets.flatten(), positions.shape[2], causal,
+    spans = bucket_spans(window, buckets.gather(2, positions).flatten(), positions.shape[2], causal,
                          None if query_valid is None else query_valid.flatten())
-    q = gather_items(qk, positions).view(-1, qk.shape[-1])
     scale = key_scale.reshape(-1).index_select(0, order)
-    k_padded = _gather_padded(qk, positions, window)
-    unpad_keys(k_padded, window).mul_(scale[:, None])
-    return SortedRound(q, k_padded, _gather_padded(v, positions, window), scale, spans, positions, order,
-                       unsorted)
+    _gather_rows(qk, positions, buffers.q)
+    torch.mul(buffers.q, scale[:, None], out=unpad_keys(buffers.k_padded, window))
+    _gather_rows(v, positions, unpad_keys(buffers.v_padded, window))
+    return SortedRound(buffers.q, buffers.k_padded, buffers.v_padded, scale, spans, positions, order, unsorted)
 
 
-def _gather_padded(x: torch.Tensor, positions: torch.Tensor, window: Window) -> torch.Tensor:
-    """x (B, H, L, d) at positions (B, H, L), as (N, d) rows written straight into ``pad_keys``' layout."""
-    rows = storage_rows(x) or storage_rows(x.contiguous())
-    d, front, n = x.shape[-1], window.before * window.chunk_length, positions.numel()
-    padded = x.new_empty(front + n + window.after * window.chunk_length, d)
-    padded[:front] = 0
-    padded[front + n:] = 0
-    torch.index_select(rows[0], 0, rows[1].gather(2, positions).flatten(), out=padded[front:front + n])
-    return padded
+def _gather_rows(x: torch.Tensor, positions: torch.Tensor, out: torch.Tensor) -> None:
+    """x (B, H, L, d) at positions (B, H, L) -> out (N, d) rows (contiguous), read in place."""
+    flat, numbers = storage_rows(x) or storage_rows(x.contiguous())
+    torch.index_select(flat, 0, numbers.gather(2, positions).flatten(), out=out)
 
 
 def _window(band: Band) -> Window:
@@ -145,66 +167,82 @@ def _window(band: Band) -> Window:
 def _heads_forward(qk, key_scale, v, buckets, valid, band: Band, dropout: float, seed: int):
     """Rounds one after the other, combined by an online softmax.
 
-    Returns out (B, H, L, d), the total normaliser and any_other (B, H, L), and each round's score
-    (its normaliser, -inf where the query saw only itself) (rounds, B * H * L) for backward.
+    Returns out (B, H, L, d), the total normaliser and any_other (B, H, L), each round's score (its
+    normaliser, -inf where the query saw only itself) (rounds, B * H * L) and each round's sort order
+    (rounds, B, H, L), both for backward.
     """
-    window = _window(band)
-    rounds = buckets.shape[2]
-    n, d = v.shape[0] * v.shape[1] * v.shape[2], v.shape[-1]
+    rounds, n, d = buckets.shape[2], v.shape[0] * v.shape[1] * v.shape[2], v.shape[-1]
+    buffers = RoundBuffers(_window(band), n, qk.shape[-1], d, v, output=True)
     acc = v.new_zeros(n, d)
     best = qk.new_full((n,), float("-inf"))
     norm = qk.new_zeros(n)
     scores = qk.new_empty(rounds, n)
+    orders = []
     for r in range(rounds):
-        items = sorted_round(window, band.causal, qk, key_scale, v, buckets[:, :, r], valid)
-        out, lse, has_other = interval_forward(items.q, items.k_padded, items.v_padded, items.spans, window,
-                                               dropout, seed + r)
-        del items.k_padded, items.v_padded
-        out = out.index_select(0, items.unsorted)                     # back to (batch, head, position)
+        _, positions, _ = sort_by_bucket(buckets[:, :, r, None])
+        orders.append(positions)
+        items = sorted_round(buffers, band.causal, qk, key_scale, v, buckets[:, :, r], positions, valid)
+        out, lse, has_other = interval_forward(items.q, items.k_padded, items.v_padded, items.spans,
+                                               buffers.window, dropout, seed + r, out=buffers.out)
+        out = buffers.unsort(out, items.unsorted)                     # back to (batch, head, position)
         torch.index_select(lse.masked_fill(~has_other, float("-inf")), 0, items.unsorted, out=scores[r])
         new_best = torch.maximum(best, scores[r])
         seen = torch.isfinite(new_best)
         rescale = torch.where(seen, torch.exp(best - new_best), 1.0)
         weight = torch.where(seen, torch.exp(scores[r] - new_best), 0.0)
-        acc = acc.mul_(rescale[:, None]).add_(weight[:, None] * out)
+        acc.mul_(rescale[:, None]).addcmul_(weight[:, None], out)
         norm, best = norm * rescale + weight, new_best
     any_other = norm > 0
     # A query that saw only itself in every round returns its own value, exactly.
-    out = torch.where(any_other[:, None], acc / norm.clamp_min(1e-30)[:, None], v.reshape(n, d))
+    out = torch.where(any_other[:, None], acc.div_(norm.clamp_min(1e-30)[:, None]), v.reshape(n, d))
     total = best + torch.log(norm)
-    return out.view(v.shape), total.view(v.shape[:3]), any_other.view(v.shape[:3]), scores
+    return out.view(v.shape), total.view(v.shape[:3]), any_other.view(v.shape[:3]), scores, torch.stack(orders)
 
 
-def _heads_backward(qk, key_scale, v, buckets, valid, out, total, any_other, scores, d_out, band: Band,
-                    dropout: float, seed: int, d_qk: torch.Tensor, d_scale: torch.Tensor, d_v: torch.Tensor):
-    """Gradients of ``_heads_forward``, recomputing each round's scores, written into d_qk, d_scale and d_v
-    (views of the layer's gradients, (B, H, L, d) and (B, H, L); rows are added in place, no copies).
+def _heads_backward(qk, key_scale, v, buckets, valid, out, total, any_other, scores, orders, d_out,
+                    band: Band, dropout: float, seed: int, d_qk: torch.Tensor, d_scale: torch.Tensor,
+                    d_v: torch.Tensor):
+    """Gradients of ``_heads_forward``, recomputing each round's scores, added into d_qk, d_scale and
+    d_v (views of the layer's gradients, (B, H, L, d) and (B, H, L)).
 
     With o = sum_r w_r o_r and w_r = exp(l_r - total), the gradient of round r's logit x_j is
     w_r P_j (g . v_j - g . o) (the paths through o_r and through l_r together), so a round needs only
     its weight and the final output: d_out scaled by w_r, and row = w_r (g . o). Keys are qk * scale:
     their gradient goes to qk (times the scale) and to the scale (dotted with qk).
     """
-    window = _window(band)
+    n, d = scores.shape[1], v.shape[-1]
+    buffers = RoundBuffers(_window(band), n, qk.shape[-1], d, v, output=False)
+    grads = _CoreGrads(buffers)
     g_dot_o = (d_out * out).sum(dim=-1).flatten()
     any_other, total = any_other.flatten(), total.flatten()
-    (qk_grad, qk_rows), (v_grad, v_rows) = storage_rows(d_qk), storage_rows(d_v)
+    d_qk.zero_()
+    d_v.copy_(d_out * (~any_other).view(*d_out.shape[:3], 1))   # queries that returned their own value
     scale_grad = torch.zeros_like(total)
     for r in range(buckets.shape[2]):
-        items = sorted_round(window, band.causal, qk, key_scale, v, buckets[:, :, r], valid)
+        items = sorted_round(buffers, band.causal, qk, key_scale, v, buckets[:, :, r], orders[r], valid)
         weight = torch.exp(scores[r] - total).masked_fill(~any_other, 0.0).index_select(0, items.order)
-        d_round = gather_items(d_out, items.positions).view(-1, d_out.shape[-1]).mul_(weight[:, None])
-        d_q, d_k, d_v_round = interval_backward(items.q, items.k_padded, items.v_padded, items.spans, window,
-                                                d_round, weight * g_dot_o.index_select(0, items.order),
-                                                dropout, seed + r)
-        del items.k_padded, items.v_padded, d_round
-        d_k = unpad_keys(d_k, window)
-        scale_grad += (d_k * items.q).sum(dim=-1).index_select(0, items.unsorted)
-        add = torch.Tensor.index_copy_ if r == 0 else torch.Tensor.index_add_
-        add(qk_grad, 0, qk_rows.gather(2, items.positions).flatten(), d_q.addcmul_(d_k, items.key_scale[:, None]))
-        add(v_grad, 0, v_rows.gather(2, items.positions).flatten(), unpad_keys(d_v_round, window))
+        d_round = grads.d_round
+        _gather_rows(d_out, items.positions, d_round)
+        d_round.mul_(weight[:, None])
+        d_q, d_k, d_v_round = interval_backward(items.q, items.k_padded, items.v_padded, items.spans,
+                                                buffers.window, d_round,
+                                                weight * g_dot_o.index_select(0, items.order), dropout,
+                                                seed + r, grads=grads.core)
+        d_k = unpad_keys(d_k, buffers.window)
+        scale_grad += torch.linalg.vecdot(d_k, items.q).index_select(0, items.unsorted)
+        d_qk += buffers.unsort(d_q.addcmul_(d_k, items.key_scale[:, None]), items.unsorted).view(d_qk.shape)
+        d_v += buffers.unsort(unpad_keys(d_v_round, buffers.window), items.unsorted).view(d_v.shape)
     d_scale.copy_(scale_grad.view(d_scale.shape))
-    d_v.add_(d_out * (~any_other).view(*d_out.shape[:3], 1))   # queries that returned their own value
+
+
+class _CoreGrads:
+    """Gradient rows reused by every round in backward: the core's (dq, padded dk, padded dv) and the
+    round's scaled d_out."""
+
+    def __init__(self, buffers: RoundBuffers):
+        self.core = (torch.empty_like(buffers.q), torch.empty_like(buffers.k_padded),
+                     torch.empty_like(buffers.v_padded))
+        self.d_round = torch.empty_like(unpad_keys(buffers.v_padded, buffers.window))
 
 
 HEAD_GROUP_ELEMENTS = 1 << 20   # q values of the heads attended together (4 MiB in float32)
@@ -229,24 +267,25 @@ class _LSHByRound(torch.autograd.Function):
         out = _heads_last(v)
         total = qk.new_empty(key_scale.shape)
         any_other = torch.empty(total.shape, dtype=torch.bool, device=qk.device)
-        scores = []
+        saved = []   # per head group: each round's scores and sort order
         for part in _head_groups(qk):
-            out[:, part], total[:, part], any_other[:, part], part_scores = _heads_forward(
+            out[:, part], total[:, part], any_other[:, part], scores, orders = _heads_forward(
                 qk[:, part], key_scale[:, part], v[:, part], buckets[:, part], valid, band, dropout,
                 seed + part.start * buckets.shape[2])
-            scores.append(part_scores)
-        ctx.save_for_backward(qk, key_scale, v, buckets, valid, out, total, any_other, *scores)
+            saved += [scores, orders]
+        ctx.save_for_backward(qk, key_scale, v, buckets, valid, out, total, any_other, *saved)
         ctx.band, ctx.dropout, ctx.seed = band, dropout, seed
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        qk, key_scale, v, buckets, valid, out, total, any_other, *scores = ctx.saved_tensors
+        qk, key_scale, v, buckets, valid, out, total, any_other, *saved = ctx.saved_tensors
         grads = [_heads_last(qk), torch.empty_like(key_scale), _heads_last(v)]
-        for part, part_scores in zip(_head_groups(qk), scores):
+        for i, part in enumerate(_head_groups(qk)):
             _heads_backward(qk[:, part], key_scale[:, part], v[:, part], buckets[:, part], valid, out[:, part],
-                            total[:, part], any_other[:, part], part_scores, d_out[:, part], ctx.band,
-                            ctx.dropout, ctx.seed + part.start * buckets.shape[2], *(g[:, part] for g in grads))
+                            total[:, part], any_other[:, part], saved[2 * i], saved[2 * i + 1], d_out[:, part],
+                            ctx.band, ctx.dropout, ctx.seed + part.start * buckets.shape[2],
+                            *(g[:, part] for g in grads))
         return (*grads, None, None, None, None, None)
 
 

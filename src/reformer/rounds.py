@@ -82,7 +82,7 @@ def sorted_validity(valid: torch.Tensor | None, positions: torch.Tensor) -> torc
 
 class RoundBuffers:
     """Rows that every round of a head group reuses: sorted queries, padded keys and values (for the
-    interval core), the core's output, and one block of rows in position order.
+    interval core), and in forward the core's output, also in position order.
 
     At 64K tokens each is 16 MiB; allocated afresh per round, such blocks come from (and go back to)
     the system each time, and the page faults cost more than the copies themselves.
@@ -95,14 +95,9 @@ class RoundBuffers:
         self.q = like.new_empty(n, d_qk)
         self.k_padded = like.new_zeros(padded, d_qk)   # the padding rows stay zero
         self.v_padded = like.new_zeros(padded, d_v)
-        self.rows = like.new_empty(n, max(d_qk, d_v))
-        self.out = like.new_empty(n, d_v) if output else None   # forward only
-
-    def unsort(self, sorted_rows: torch.Tensor, unsorted: torch.Tensor) -> torch.Tensor:
-        """Sorted (N, d) rows back in position order, in the reused block."""
-        out = self.rows[:, :sorted_rows.shape[1]]
-        return torch.index_select(sorted_rows, 0, unsorted, out=out) if out.is_contiguous() else \
-            sorted_rows.index_select(0, unsorted)
+        # forward only: the core's output, and the same back in position order
+        self.out = like.new_empty(n, d_v) if output else None
+        self.rows = like.new_empty(n, d_v) if output else None
 
 
 @dataclass
@@ -184,7 +179,7 @@ def _heads_forward(qk, key_scale, v, buckets, valid, band: Band, dropout: float,
         items = sorted_round(buffers, band.causal, qk, key_scale, v, buckets[:, :, r], positions, valid)
         out, lse, has_other = interval_forward(items.q, items.k_padded, items.v_padded, items.spans,
                                                buffers.window, dropout, seed + r, out=buffers.out)
-        out = buffers.unsort(out, items.unsorted)                     # back to (batch, head, position)
+        out = torch.index_select(out, 0, items.unsorted, out=buffers.rows)   # back to (batch, head, position)
         torch.index_select(lse.masked_fill(~has_other, float("-inf")), 0, items.unsorted, out=scores[r])
         new_best = torch.maximum(best, scores[r])
         seen = torch.isfinite(new_best)
@@ -211,13 +206,13 @@ def _heads_backward(qk, key_scale, v, buckets, valid, out, total, any_other, sco
     their gradient goes to qk (times the scale) and to the scale (dotted with qk).
     """
     n, d = scores.shape[1], v.shape[-1]
-    buffers = RoundBuffers(_window(band), n, qk.shape[-1], d, v, output=False)
-    grads = _CoreGrads(buffers)
-    g_dot_o = (d_out * out).sum(dim=-1).flatten()
+    g_dot_o = torch.linalg.vecdot(d_out, out).flatten()
     any_other, total = any_other.flatten(), total.flatten()
     d_qk.zero_()
-    d_v.copy_(d_out * (~any_other).view(*d_out.shape[:3], 1))   # queries that returned their own value
+    torch.mul(d_out, (~any_other).view(*d_out.shape[:3], 1), out=d_v)   # queries that returned their own value
     scale_grad = torch.zeros_like(total)
+    buffers = RoundBuffers(_window(band), n, qk.shape[-1], d, v, output=False)
+    grads = _CoreGrads(buffers)
     for r in range(buckets.shape[2]):
         items = sorted_round(buffers, band.causal, qk, key_scale, v, buckets[:, :, r], orders[r], valid)
         weight = torch.exp(scores[r] - total).masked_fill(~any_other, 0.0).index_select(0, items.order)
@@ -230,8 +225,11 @@ def _heads_backward(qk, key_scale, v, buckets, valid, out, total, any_other, sco
                                                 seed + r, grads=grads.core)
         d_k = unpad_keys(d_k, buffers.window)
         scale_grad += torch.linalg.vecdot(d_k, items.q).index_select(0, items.unsorted)
-        d_qk += buffers.unsort(d_q.addcmul_(d_k, items.key_scale[:, None]), items.unsorted).view(d_qk.shape)
-        d_v += buffers.unsort(unpad_keys(d_v_round, buffers.window), items.unsorted).view(d_v.shape)
+        # Back to position order through the d_round rows, free once the core is done with them.
+        d_qk += torch.index_select(d_q.addcmul_(d_k, items.key_scale[:, None]), 0, items.unsorted,
+                                   out=d_round).view(d_qk.shape)
+        d_v += torch.index_select(unpad_keys(d_v_round, buffers.window), 0, items.unsorted,
+                                  out=d_round).view(d_v.shape)
     d_scale.copy_(scale_grad.view(d_scale.shape))
 
 

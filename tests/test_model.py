@@ -87,9 +87,12 @@ def gradients(model, x, seed):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("layers", ["lsh", ("lsh", "local", "full")])
-def test_reversible_gradients_equal_plain_autograd(layers):
-    cfg = dict(attn_layers=layers, n_layers=3, n_hashes=2, dropout=0.1, attention_dropout=0.1)
+@pytest.mark.parametrize("layers,ff_chunk", [("lsh", 0), (("lsh", "local", "full"), 0), ("lsh", 16)])
+def test_reversible_gradients_equal_plain_autograd(layers, ff_chunk):
+    """With ff_chunk, reversible backward re-runs the feed-forward a chunk at a time (45 = 16 + 16 + 13),
+    drawing the same dropout masks as the forward did."""
+    cfg = dict(attn_layers=layers, n_layers=3, n_hashes=2, dropout=0.1, attention_dropout=0.1,
+               ff_chunk_size=ff_chunk)
     torch.manual_seed(0)
     reversible = ReformerLM(tiny(reversible=True, **cfg)).double().train()
     plain = ReformerLM(tiny(reversible=False, **cfg)).double().train()

@@ -113,27 +113,47 @@ class _ReversibleFunction(torch.autograd.Function):
         param_grads: list[torch.Tensor | None] = [None] * ctx.n_params
         device_type, dtype, enabled = ctx.autocast
 
-        def recompute(branch, state, inputs, grad_out, *args):
-            """Re-run ``branch`` on ``inputs``; return its output and the gradients it passes back."""
-            params = [p for p in branch.parameters() if p.requires_grad]
-            with torch.enable_grad(), state.replay(), torch.autocast(device_type, dtype, enabled=enabled):
-                inputs = inputs.detach().requires_grad_(True)
-                out = branch(inputs, *args)
-            grads = torch.autograd.grad(out, [inputs, *params], grad_out, allow_unused=True)
-            for p, g in zip(params, grads[1:]):
-                i = ctx.param_index[id(p)]
-                param_grads[i] = g if param_grads[i] is None or g is None else param_grads[i] + g
-            return out.detach(), grads[0]
+        def recompute(branch, state, inputs, grad_out, *args, chunk_size=0):
+            """Re-run ``branch`` on ``inputs``; return its output and the gradients it passes back.
 
+            A position-wise branch (``chunk_size`` > 0) is re-run and differentiated ``chunk_size``
+            positions at a time, in forward's order (so dropout draws the same masks): its hidden
+            activations then never exist whole in backward either."""
+            params = [p for p in branch.parameters() if p.requires_grad]
+            if not chunk_size or inputs.shape[1] <= chunk_size:
+                pieces = [(inputs, grad_out)]
+            else:
+                pieces = list(zip(inputs.split(chunk_size, dim=1), grad_out.split(chunk_size, dim=1)))
+            outs, input_grads = [], []
+            with state.replay():
+                for piece, piece_grad in pieces:
+                    with torch.enable_grad(), torch.autocast(device_type, dtype, enabled=enabled):
+                        piece = piece.detach().requires_grad_(True)
+                        out = branch(piece, *args)
+                    grads = torch.autograd.grad(out, [piece, *params], piece_grad, allow_unused=True)
+                    for p, g in zip(params, grads[1:]):
+                        i = ctx.param_index[id(p)]
+                        param_grads[i] = g if param_grads[i] is None or g is None else param_grads[i] + g
+                    outs.append(out.detach())
+                    input_grads.append(grads[0])
+            if len(pieces) == 1:
+                return outs[0], input_grads[0]
+            return torch.cat(outs, dim=1), torch.cat(input_grads, dim=1)
+
+        # Names are dropped as soon as they are used up, so that while a branch is re-run only y1 or x2
+        # and the two gradients are held besides it.
         for block, (state_f, state_g) in zip(reversed(ctx.blocks), reversed(ctx.states)):
-            g_out, d_from_g = recompute(block.feed_forward, state_g, y1, dy2)
+            g_out, d_from_g = recompute(block.feed_forward, state_g, y1, dy2,
+                                        chunk_size=block.feed_forward.chunk_size)
             with torch.no_grad():
                 x2 = y2 - g_out
                 dy1 = dy1 + d_from_g            # total gradient reaching y1, i.e. dx1
+            del g_out, d_from_g, y2
             f_out, d_from_f = recompute(block.attention, state_f, x2, dy1, key_valid, ctx.n_hashes)
             with torch.no_grad():
                 x1 = y1 - f_out
                 dy2 = dy2 + d_from_f            # dx2
+            del f_out, d_from_f, y1
             y1, y2 = x1, x2
         return (dy1, dy2, None, None, None, None, *param_grads)
 

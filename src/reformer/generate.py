@@ -50,28 +50,34 @@ class _Growing:
 
 
 class LSHCache:
-    """Keys, values, and per (round, bucket) a ring of the last ``window`` positions hashed there.
+    """Keys and values side by side, and per (round, bucket) a ring of the last ``window`` positions
+    hashed there.
 
     A step looks up the ring of its bucket in each round: O(rounds x window) work, whatever the context.
+    One token's step is a few dozen small operations, so it is written lean: one fused projection, one
+    row gather for keys and values together, and the self-only rounds handled without concatenation.
     """
 
     def __init__(self, layer: LSHSelfAttention):
         self.layer = layer
         self.window = layer.band.before * layer.band.chunk_length
-        self.keys, self.values = _Growing(2), _Growing(2)
+        self.key_values = _Growing(2)                       # (B, H, length, 2 d): key | value
         self.rotations = layer.rotations(layer.n_hashes)   # eval mode: the fixed rotations
         self.n_buckets = total_buckets(layer.n_buckets)
+        self.weight = torch.cat([layer.qk.weight, layer.v.weight])   # one projection for qk and v
+        self.slots = torch.arange(self.window, device=self.weight.device)
         self.ring = self.count = None
+        self.rows = None   # (storage, its (rows, 2d) view, first row of each (batch, head)) for gathers
 
     def _project(self, h: torch.Tensor):
         layer = self.layer
-        qk = split_heads(layer.qk(h), layer.n_heads)
-        self.keys.append(normalize_keys(qk))
-        self.values.append(split_heads(layer.v(h), layer.n_heads))
-        return qk, hash_vectors(qk, self.rotations, layer.n_buckets)      # (B, H, R, n)
+        qk, v = (split_heads(x, layer.n_heads) for x in F.linear(h, self.weight).chunk(2, dim=-1))
+        self.key_values.append(torch.cat([normalize_keys(qk), v], dim=-1))
+        return qk, v
 
     def prefill(self, h: torch.Tensor) -> None:
-        _, buckets = self._project(h)
+        qk, _ = self._project(h)
+        buckets = hash_vectors(qk, self.rotations, self.layer.n_buckets)   # (B, H, R, n)
         batch, heads, rounds, length = buckets.shape
         self.count = torch.zeros(batch, heads, rounds, self.n_buckets, dtype=torch.long, device=h.device)
         self.count.scatter_add_(-1, buckets, torch.ones_like(buckets))
@@ -87,47 +93,69 @@ class LSHCache:
         ring = torch.full((batch, heads, rounds, spare + 1), -1, dtype=torch.long, device=h.device)
         self.ring = ring.scatter_(-1, slot, positions)[..., :spare].contiguous()
 
+    def _hash(self, qk: torch.Tensor) -> torch.Tensor:
+        """Buckets (B, H, R, 1) of one position's qk (B, H, 1, d): ``hash_vectors`` in a few operations."""
+        rotated = (qk @ self.rotations.flatten(2)).view(*qk.shape[:2], self.rotations.shape[2], -1)
+        factors = self.layer.n_buckets if isinstance(self.layer.n_buckets, tuple) else (self.layer.n_buckets,)
+        ids, first, scale = 0, 0, 1
+        for factor in factors:
+            part = rotated[..., first:first + factor // 2]
+            ids = ids + scale * torch.cat([part, -part], dim=-1).argmax(dim=-1, keepdim=True)
+            first, scale = first + factor // 2, scale * factor
+        return ids
+
+    def _gather(self, index: torch.Tensor) -> torch.Tensor:
+        """Key | value rows (B, H, m, 2d) at positions (B, H, m): one row copy."""
+        data = self.key_values.data
+        if self.rows is None or self.rows[0] is not data:     # the storage grew: new row numbers
+            batch, heads, capacity, width = data.shape
+            first = torch.arange(batch * heads, device=data.device).view(batch, heads, 1) * capacity
+            self.rows = data, data.view(-1, width), first
+        _, flat, first = self.rows
+        return flat.index_select(0, (index + first).flatten()).view(*index.shape, -1)
+
     def step(self, h: torch.Tensor) -> torch.Tensor:
         """h (batch, 1, d_model) -> (batch, 1, d_model)."""
-        layer = self.layer
-        qk, bucket = self._project(h)                                   # bucket (B, H, R, 1)
-        t = self.keys.length - 1
-        slots = bucket * self.window + torch.arange(self.window, device=h.device)
-        members = self.ring.gather(-1, slots)                           # (B, H, R, window), -1 = empty
+        qk, v = self._project(h)
+        bucket = self._hash(qk) if self.n_buckets > 1 else torch.zeros_like(self.count[..., :1])
+        batch, heads, rounds, _ = bucket.shape
+        d = qk.shape[-1]
+        members = self.ring.gather(-1, bucket * self.window + self.slots)   # (B, H, R, W), -1 = empty
         present = members >= 0
-        index = members.clamp_min(0).flatten(2)
-        keys = gather_items(self.keys.view(), index).unflatten(2, members.shape[2:])  # (B, H, R, W, d)
-        values = gather_items(self.values.view(), index).unflatten(2, members.shape[2:])
-        logits = (keys @ qk[:, :, None].transpose(-1, -2))[..., 0]      # (B, H, R, window)
-        logits = logits.masked_fill(~present, float("-inf"))
-        has_other = present.any(dim=-1, keepdim=True)                   # (B, H, R, 1)
-        self_logit = (qk * self.keys.view()[:, :, t:]).sum(-1, keepdim=True)  # (B, H, 1, 1)
-        self_logit = self_logit.expand_as(has_other).masked_fill(has_other, float("-inf"))
-        logits = torch.cat([logits, self_logit], dim=-1)
-        values = torch.cat([values, self.values.view()[:, :, t:, None].expand(-1, -1, values.shape[2], -1, -1)],
-                           dim=-2)
+        rows = self._gather(members.clamp_min(0).flatten(2))             # (B, H, R W, 2d)
+        logits = (rows[..., :d] @ qk.transpose(-1, -2)).view(batch, heads, rounds, self.window)
+        has_other = present.any(dim=-1)                                 # (B, H, R)
+        # A round with no earlier member returns the query's own value (its only key); give its row
+        # finite logits so that the softmax stays defined, and no weight below.
+        logits = logits.masked_fill(~(present | ~has_other[..., None]), float("-inf"))
         probs = torch.softmax(logits, dim=-1)
-        lse = logits.amax(dim=-1) - torch.log(probs.amax(dim=-1))       # as in the banded core
-        out = (probs[..., None, :] @ values)                             # (B, H, R, 1, d)
-        combined = combine_rounds(out, lse[..., None], has_other)
+        out = (probs[..., None, :] @ rows[..., d:].view(batch, heads, rounds, self.window, d))[..., 0, :]
+        # Rounds combined by the softmax of their normalisers, over the rounds that saw others.
+        lse = torch.logsumexp(logits, dim=-1).masked_fill(~has_other, float("-inf"))
+        combined = torch.softmax(lse, dim=-1)[..., None, :] @ out       # (B, H, 1, d); NaN if no round saw
+        combined = torch.where(has_other.any(dim=-1)[..., None, None], combined, v)   # others: then v
         # Remember position t in the ring of its bucket, replacing the oldest member.
+        t = self.key_values.length - 1
         index = bucket * self.window + self.count.gather(-1, bucket) % self.window
         self.ring.scatter_(-1, index, torch.full_like(index, t))
         self.count.scatter_add_(-1, bucket, torch.ones_like(bucket))
-        return layer.out(merge_heads(combined))
+        return self.layer.out(combined.view(batch, 1, heads * d))
 
 
 class _KeyValueCache:
-    """Keys and values of every earlier position, for local and full layers."""
+    """Keys and values of every earlier position, for local and full layers, from one fused projection."""
 
     def __init__(self, layer, key_divisor: float = 1.0):
         self.layer, self.key_divisor = layer, key_divisor
         self.keys, self.values = _Growing(2), _Growing(2)
+        self.weight = torch.cat([layer.q.weight, layer.k.weight, layer.v.weight])
 
-    def _project(self, h: torch.Tensor) -> None:
-        layer = self.layer
-        self.keys.append(split_heads(layer.k(h), layer.n_heads) / self.key_divisor)
-        self.values.append(split_heads(layer.v(h), layer.n_heads))
+    def _project(self, h: torch.Tensor) -> torch.Tensor:
+        """Append h's keys and values; return its queries (B, H, n, d)."""
+        q, k, v = (split_heads(x, self.layer.n_heads) for x in F.linear(h, self.weight).chunk(3, dim=-1))
+        self.keys.append(k / self.key_divisor)
+        self.values.append(v)
+        return q
 
     def prefill(self, h: torch.Tensor) -> None:
         self._project(h)
@@ -138,21 +166,20 @@ class LocalCache(_KeyValueCache):
         super().__init__(layer, key_divisor=math.sqrt(layer.d_head))   # as the local layer scales keys
 
     def step(self, h: torch.Tensor) -> torch.Tensor:
-        layer, band = self.layer, self.layer.band
-        self._project(h)
+        band = self.layer.band
+        q = self._project(h)
         t = self.keys.length - 1
         start = max(0, (t // band.chunk_length - band.before) * band.chunk_length)
-        q = split_heads(layer.q(h), layer.n_heads)
         probs = torch.softmax(q @ self.keys.view()[:, :, start:].transpose(-1, -2), dim=-1)
-        return layer.out(merge_heads(probs @ self.values.view()[:, :, start:]))
+        out = probs @ self.values.view()[:, :, start:]                  # (B, H, 1, d)
+        return self.layer.out(out.view(out.shape[0], 1, -1))
 
 
 class FullCache(_KeyValueCache):
     def step(self, h: torch.Tensor) -> torch.Tensor:
-        self._project(h)
-        q = split_heads(self.layer.q(h), self.layer.n_heads)
+        q = self._project(h)
         out = F.scaled_dot_product_attention(q, self.keys.view(), self.values.view())
-        return self.layer.out(merge_heads(out))
+        return self.layer.out(out.view(out.shape[0], 1, -1))
 
 
 CACHES = {LSHSelfAttention: LSHCache, LocalSelfAttention: LocalCache, FullSelfAttention: FullCache}

@@ -37,19 +37,22 @@ def _row_index(index: torch.Tensor, length: int) -> torch.Tensor:
     return (index + offsets.view(index.shape[0], index.shape[1], 1)).flatten()
 
 
-def storage_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """x (batch, heads, length, d) as rows of its storage: a (rows, d) view and each item's row number
-    (batch, heads, length); None when its items are not whole rows (then copy or gather instead).
+def storage_rows(x: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """x (batch, heads, length, d) as rows of its storage: a (rows, d) view, and the row numbers of the
+    items at ``index`` (batch, heads, m) positions, (batch, heads, m); None when x's items are not
+    whole rows (then copy or gather instead).
 
-    Covers contiguous tensors, split_heads' (batch, length, heads, d) layout and head slices of either,
-    so that sorted rows can be read from, and gradients written into, a projection's memory in place.
+    Covers contiguous tensors, split_heads' (batch, length, heads, d) layout and head slices or narrowed
+    lengths of either, so that rows can be read from, and gradients written into, memory in place.
     """
     d = x.shape[-1]
     if x.stride(-1) != 1 or x.storage_offset() % d or any(s % d for s in x.stride()[:3]):
         return None
     flat = x.as_strided((x.untyped_storage().nbytes() // x.element_size() // d, d), (d, 1), 0)
-    b, h, n = (torch.arange(size, device=x.device) * (stride // d) for size, stride in zip(x.shape[:3], x.stride()[:3]))
-    return flat, x.storage_offset() // d + b[:, None, None] + h[None, :, None] + n[None, None, :]
+    batch, heads = (torch.arange(size, device=x.device) * (stride // d)
+                    for size, stride in zip(x.shape[:2], x.stride()[:2]))
+    start = batch[:, None, None] + heads[None, :, None] + x.storage_offset() // d
+    return flat, start + index * (x.stride(2) // d)
 
 
 def gather_items(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -59,11 +62,11 @@ def gather_items(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     an index expanded over d, and it reads x in place in any layout ``storage_rows`` covers; any other
     layout is gathered without copying it whole.
     """
-    rows = storage_rows(x)
+    rows = storage_rows(x, index)
     if rows is None:
         return x.gather(2, index[..., None].expand(*index.shape, x.shape[-1]))
     flat, numbers = rows
-    return flat.index_select(0, numbers.gather(2, index).flatten()).view(*index.shape, x.shape[-1])
+    return flat.index_select(0, numbers.flatten()).view(*index.shape, x.shape[-1])
 
 
 def unsort(order: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -141,8 +144,8 @@ def sorted_round(buffers: RoundBuffers, causal: bool, qk, key_scale, v, buckets:
 
 def _gather_rows(x: torch.Tensor, positions: torch.Tensor, out: torch.Tensor) -> None:
     """x (B, H, L, d) at positions (B, H, L) -> out (N, d) rows (contiguous), read in place."""
-    flat, numbers = storage_rows(x) or storage_rows(x.contiguous())
-    torch.index_select(flat, 0, numbers.gather(2, positions).flatten(), out=out)
+    flat, numbers = storage_rows(x, positions) or storage_rows(x.contiguous(), positions)
+    torch.index_select(flat, 0, numbers.flatten(), out=out)
 
 
 def _window(band: Band) -> Window:

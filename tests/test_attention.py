@@ -149,28 +149,42 @@ def test_banded_core_gradients_are_exact(name, dropout):
     assert torch.autograd.gradcheck(run, (q, k, v), eps=1e-6, atol=1e-6, fast_mode=True)
 
 
-def _random_rounds(seed, rounds=3, n=32, d=4, dtype=torch.float64):
-    """Shared-QK inputs: queries, a positive key scale per item (keys are q * scale) and values."""
+def _random_rounds(seed, rounds=3, n=32, d_model=6, heads=2, d=4, dtype=torch.float64):
+    """A layer's input, its projection weights, buckets (padding in its own) and validity."""
     g = torch.Generator().manual_seed(seed)
-    q, v = (torch.randn(2, 2, n, d, generator=g, dtype=dtype, requires_grad=True) for _ in range(2))
-    scale = (0.5 + torch.rand(2, 2, n, generator=g, dtype=dtype)).requires_grad_()
-    buckets = torch.randint(0, 3, (2, 2, rounds, n), generator=g)
+    h = torch.randn(2, n, d_model, generator=g, dtype=dtype, requires_grad=True)
+    w_qk, w_v = (torch.randn(heads * d, d_model, generator=g, dtype=dtype, requires_grad=True) for _ in range(2))
+    buckets = torch.randint(0, 3, (2, heads, rounds, n), generator=g)
     buckets[1, :, :, n - 5:] = 3                                  # padding bucket of the second sequence
     buckets = buckets + 4 * torch.arange(rounds)[:, None]         # ids unique across rounds
     valid = torch.ones(2, n, dtype=torch.bool)
     valid[1, n - 5:] = False
-    return q, scale, v, buckets, valid
+    return h, w_qk, w_v, buckets, valid
+
+
+def _projected(h, w_qk, w_v, buckets, band, valid, **kwargs):
+    from reformer.attention import split_heads
+    from reformer.lsh_projected import lsh_attention_projected
+
+    qk = split_heads(h @ w_qk.T, buckets.shape[1])
+    return lsh_attention_projected(h, w_qk, w_v, qk, buckets, band, valid, **kwargs)
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_round_by_round_equals_all_rounds_at_once(causal):
-    """The interval core, round by round, against the masked core on all rounds sorted together."""
-    from reformer.attention import combine_rounds
-    from reformer.rounds import gather_items, lsh_attention_by_round, sort_by_bucket, unsort
+@pytest.mark.parametrize("one_head_at_a_time", [False, True])
+def test_round_by_round_equals_all_rounds_at_once(causal, one_head_at_a_time, monkeypatch):
+    """The layer's path (projections inside, rounds one at a time on the interval core) against the
+    masked core on all rounds sorted together, with autograd through plain projections."""
+    from reformer import rounds
+    from reformer.attention import combine_rounds, normalize_keys, split_heads
+    from reformer.rounds import gather_items, sort_by_bucket, unsort
 
+    if one_head_at_a_time:   # as at long lengths: head groups of one, each projected on its own
+        monkeypatch.setattr(rounds, "HEAD_GROUP_ELEMENTS", 1)
     band = Band(4, 1, 0 if causal else 1, causal=causal, same_bucket=True, mask_self=True)
-    q, scale, v, buckets, valid = _random_rounds(0)
-    k = q * scale[..., None]
+    h, w_qk, w_v, buckets, valid = _random_rounds(0)
+    q, v = split_heads(h @ w_qk.T, 2), split_heads(h @ w_v.T, 2)
+    k = normalize_keys(q)
     order, positions, sorted_buckets = sort_by_bucket(buckets)
     out, lse, has_other = banded_attention(
         gather_items(q, positions), gather_items(k, positions), gather_items(v, positions), positions, band,
@@ -178,23 +192,21 @@ def test_round_by_round_equals_all_rounds_at_once(causal):
     out, lse, has_other = unsort(order, out, lse, has_other)
     shape = (2, 2, 3, 32)
     expected = combine_rounds(out.reshape(*shape, -1), lse.reshape(shape), has_other.reshape(shape))
-    got = lsh_attention_by_round(q, scale, v, buckets, band, valid)
+    got = _projected(h, w_qk, w_v, buckets, band, valid)
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
     g = torch.randn_like(got)
-    grads = [torch.autograd.grad((t * g).sum(), (q, scale, v)) for t in (expected, got)]
+    grads = [torch.autograd.grad((t * g).sum(), (h, w_qk, w_v)) for t in (expected, got)]
     for want, have in zip(*grads):
         torch.testing.assert_close(have, want, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_round_by_round_gradients_are_exact(dropout):
-    from reformer.rounds import lsh_attention_by_round
-
     band = Band(4, 1, 0, causal=True, same_bucket=True, mask_self=True)
-    q, scale, v, buckets, valid = _random_rounds(1, n=16)
+    h, w_qk, w_v, buckets, valid = _random_rounds(1, n=16)
 
-    def run(q, scale, v):
+    def run(h, w_qk, w_v):
         torch.manual_seed(2)   # the same dropout masks on every evaluation
-        return lsh_attention_by_round(q, scale, v, buckets, band, valid, dropout=dropout, training=True)
+        return _projected(h, w_qk, w_v, buckets, band, valid, dropout=dropout, training=True)
 
-    assert torch.autograd.gradcheck(run, (q, scale, v), eps=1e-6, atol=1e-6, fast_mode=True)
+    assert torch.autograd.gradcheck(run, (h, w_qk, w_v), eps=1e-6, atol=1e-6, fast_mode=True)

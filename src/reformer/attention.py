@@ -6,9 +6,10 @@ LSH attention, step by step (one named function each):
     banded_attention   attention inside the band of the sorted sequence          (banded.py)
     unsort             back to (round, position) order                           (rounds.py)
     combine_rounds     weight each round's output by its softmax normaliser
-In the default "bucket" window, where rounds never mix, ``lsh_attention_by_round`` runs the same
-steps one round at a time with an online combination, to bound memory (rounds.py), and attends on the
-interval core (intervals.py): there a query's allowed keys are one interval of the sorted sequence.
+In the default "bucket" window, where rounds never mix, ``lsh_attention_projected`` runs the same
+steps one round at a time with an online combination, to bound memory (rounds.py; the projections
+happen inside, lsh_projected.py), and attends on the interval core (intervals.py): there a query's
+allowed keys are one interval of the sorted sequence.
 Local attention is the same core on the unsorted sequence; full attention is SDPA. The general masked
 core of banded.py serves the anchors' wrap-around bands (checkpoint parity) and is the tests' reference.
 All layers take and return (batch, length, d_model) and accept any length: they pad internally to a
@@ -27,7 +28,8 @@ from .banded import Band, banded_attention
 from .config import ReformerConfig
 from .hashing import derive_seed, draw_rotations, hash_vectors, total_buckets
 from .intervals import Window, interval_attention, local_spans
-from .rounds import gather_items, lsh_attention_by_round, sort_by_bucket, sorted_validity, unsort
+from .lsh_projected import lsh_attention_projected
+from .rounds import gather_items, sort_by_bucket, sorted_validity, unsort
 
 
 def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -51,11 +53,6 @@ def pad_to_multiple(x: torch.Tensor, key_valid: torch.Tensor | None,
         key_valid = torch.ones(x.shape[0], length, dtype=torch.bool, device=x.device)
     x = F.pad(x, (0, 0, 0, extra))
     return x, F.pad(key_valid, (0, extra), value=False)
-
-
-def key_scale(qk: torch.Tensor) -> torch.Tensor:
-    """(..., d) -> (...): the factor that turns queries into shared-QK keys (``normalize_keys``)."""
-    return torch.rsqrt(qk.pow(2).mean(dim=-1) + 1e-6) / math.sqrt(qk.shape[-1])
 
 
 def normalize_keys(qk: torch.Tensor) -> torch.Tensor:
@@ -143,9 +140,18 @@ class LSHSelfAttention(nn.Module):
         n_hashes = n_hashes or self.n_hashes
         length = x.shape[1]
         x, key_valid = pad_to_multiple(x, key_valid, self.band.chunk_length)
+        if self.band.same_bucket:
+            # Rounds never mix in the bucket window: attend them one at a time, projecting inside
+            # (lsh_projected.py); the queries computed here only feed the hashing.
+            with torch.no_grad():
+                qk = split_heads(self.qk(x), self.n_heads)    # (B, H, L, d)
+            buckets = hash_with_padding(qk, self.rotations(n_hashes), self.n_buckets, key_valid)
+            out = lsh_attention_projected(x, self.qk.weight, self.v.weight, qk, buckets, self.band, key_valid,
+                                          self.dropout, self.training)
+            return self.out(merge_heads(out))[:, :length]
+
         qk = split_heads(self.qk(x), self.n_heads)            # (B, H, L, d)
         v = split_heads(self.v(x), self.n_heads)
-
         if self.band.anchor_masks and x.shape[1] <= self.band.chunk_length:
             # transformers skips hashing when the sequence fits in one chunk: one round of full
             # attention. (Hashing would find the same keys, but its rounds round differently.)
@@ -153,11 +159,6 @@ class LSHSelfAttention(nn.Module):
             return self.out(merge_heads(out))[:, :length]
 
         buckets = hash_with_padding(qk, self.rotations(n_hashes), self.n_buckets, key_valid)
-        if self.band.same_bucket:
-            # Rounds never mix in the bucket window: attend them one at a time (rounds.py).
-            out = lsh_attention_by_round(qk, key_scale(qk), v, buckets, self.band, key_valid,
-                                         self.dropout, self.training)
-            return self.out(merge_heads(out))[:, :length]
 
         # The anchors' chunk window spans rounds (wrap-around): attend all rounds in one sorted sequence.
         order, positions, sorted_buckets = sort_by_bucket(buckets)

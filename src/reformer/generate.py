@@ -20,10 +20,8 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from .attention import (FullSelfAttention, LocalSelfAttention, LSHSelfAttention, combine_rounds,
-                        merge_heads, normalize_keys, split_heads)
+from .attention import FullSelfAttention, LocalSelfAttention, LSHSelfAttention, normalize_keys, split_heads
 from .hashing import hash_vectors, total_buckets
-from .rounds import gather_items
 from .model import ReformerLM
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .banded import Band, dropout_seed
+from .banded import Band
 from .intervals import Spans, Window, bucket_spans, interval_backward, interval_forward, unpad_keys
 
 
@@ -162,7 +162,7 @@ def _window(band: Band) -> Window:
     return Window(c // 2, 2 * band.before, 2 * band.after)
 
 
-def _heads_forward(qk, key_scale, v, buckets, valid, band: Band, dropout: float, seed: int):
+def heads_forward(qk, key_scale, v, buckets, valid, band: Band, dropout: float, seed: int):
     """Rounds one after the other, combined by an online softmax.
 
     Returns out (B, H, L, d), the total normaliser and any_other (B, H, L), each round's score (its
@@ -197,10 +197,10 @@ def _heads_forward(qk, key_scale, v, buckets, valid, band: Band, dropout: float,
     return out.view(v.shape), total.view(v.shape[:3]), any_other.view(v.shape[:3]), scores, torch.stack(orders)
 
 
-def _heads_backward(qk, key_scale, v, buckets, valid, out, total, any_other, scores, orders, d_out,
+def heads_backward(qk, key_scale, v, buckets, valid, out, total, any_other, scores, orders, d_out,
                     band: Band, dropout: float, seed: int, d_qk: torch.Tensor, d_scale: torch.Tensor,
                     d_v: torch.Tensor):
-    """Gradients of ``_heads_forward``, recomputing each round's scores, added into d_qk, d_scale and
+    """Gradients of ``heads_forward``, recomputing each round's scores, added into d_qk, d_scale and
     d_v (views of the layer's gradients, (B, H, L, d) and (B, H, L)).
 
     With o = sum_r w_r o_r and w_r = exp(l_r - total), the gradient of round r's logit x_j is
@@ -249,66 +249,14 @@ class _CoreGrads:
 HEAD_GROUP_ELEMENTS = 1 << 20   # q values of the heads attended together (4 MiB in float32)
 
 
-def _head_groups(q: torch.Tensor) -> list[slice]:
+def head_groups(q: torch.Tensor) -> list[slice]:
     """Heads in groups small enough that one group's sorted copies stay near HEAD_GROUP_ELEMENTS."""
     batch, heads, length, d = q.shape
     size = max(1, HEAD_GROUP_ELEMENTS // (batch * length * d))
     return [slice(h, min(h + size, heads)) for h in range(0, heads, size)]
 
 
-class _LSHByRound(torch.autograd.Function):
-    """Heads a group at a time, rounds one at a time: memory holds one group's round of sorted copies.
-
-    The output and the input gradients are laid out (batch, length, heads, d), so that merging and
-    splitting heads around the layer's projections are views, not copies.
-    """
-
-    @staticmethod
-    def forward(ctx, qk, key_scale, v, buckets, valid, band, dropout, seed):
-        out = _heads_last(v)
-        total = qk.new_empty(key_scale.shape)
-        any_other = torch.empty(total.shape, dtype=torch.bool, device=qk.device)
-        saved = []   # per head group: each round's scores and sort order
-        for part in _head_groups(qk):
-            out[:, part], total[:, part], any_other[:, part], scores, orders = _heads_forward(
-                qk[:, part], key_scale[:, part], v[:, part], buckets[:, part], valid, band, dropout,
-                seed + part.start * buckets.shape[2])
-            saved += [scores, orders]
-        ctx.save_for_backward(qk, key_scale, v, buckets, valid, out, total, any_other, *saved)
-        ctx.band, ctx.dropout, ctx.seed = band, dropout, seed
-        return out
-
-    @staticmethod
-    def backward(ctx, d_out):
-        qk, key_scale, v, buckets, valid, out, total, any_other, *saved = ctx.saved_tensors
-        grads = [_heads_last(qk), torch.empty_like(key_scale), _heads_last(v)]
-        for i, part in enumerate(_head_groups(qk)):
-            _heads_backward(qk[:, part], key_scale[:, part], v[:, part], buckets[:, part], valid, out[:, part],
-                            total[:, part], any_other[:, part], saved[2 * i], saved[2 * i + 1], d_out[:, part],
-                            ctx.band, ctx.dropout, ctx.seed + part.start * buckets.shape[2],
-                            *(g[:, part] for g in grads))
-        return (*grads, None, None, None, None, None)
-
-
-def _heads_last(x: torch.Tensor) -> torch.Tensor:
+def heads_last(x: torch.Tensor) -> torch.Tensor:
     """An empty (B, H, L, d) tensor like x, stored as (B, L, H, d) (split_heads' layout)."""
     batch, heads, length, d = x.shape
     return x.new_empty(batch, length, heads, d).transpose(1, 2)
-
-
-def lsh_attention_by_round(qk: torch.Tensor, key_scale: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor,
-                           band: Band, key_valid: torch.Tensor | None = None, dropout: float = 0.0,
-                           training: bool = False) -> torch.Tensor:
-    """Shared-QK LSH attention with a "bucket" window, rounds attended one at a time and combined.
-
-    qk, v: (batch, heads, length, d_head), length a multiple of the chunk. key_scale: (batch, heads,
-    length); the keys are qk * key_scale (``key_scale``), formed per round so that no full-size key
-    tensor is stored. buckets: (batch, heads, rounds, length) ids, unique across rounds, padding in
-    buckets of its own (``hash_with_padding``). key_valid: (batch, length) bool or None.
-    Returns (batch, heads, length, d_head), stored as (batch, length, heads, d_head).
-    """
-    if band.wrap or not band.same_bucket:
-        raise ValueError("lsh_attention_by_round needs a band with same_bucket=True and no wrap-around")
-    dropout = dropout if training else 0.0
-    return _LSHByRound.apply(qk, key_scale, v, buckets, key_valid, band, dropout,
-                             dropout_seed() if dropout else 0)

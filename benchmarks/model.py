@@ -42,7 +42,7 @@ def build(impl: str, length: int, n_hashes: int):
                          is_decoder=True, axial_pos_shape=[side, length // side],
                          axial_pos_embds_dim=[128, 128], max_position_embeddings=length,
                          hidden_dropout_prob=0.0, lsh_attention_probs_dropout_prob=0.0,
-                         chunk_size_feed_forward=4096, pad_token_id=0, eos_token_id=None)
+                         chunk_size_feed_forward=min(4096, length), pad_token_id=0, eos_token_id=None)
     model = ReformerModelWithLMHead(cfg).train()
     return model, lambda ids: model(ids, labels=ids).loss
 

@@ -19,9 +19,11 @@ from .banded import Band, dropout_seed
 from .rounds import head_groups, heads_backward, heads_forward, heads_last
 
 
-def key_scale(qk: torch.Tensor) -> torch.Tensor:
-    """(..., d) -> (...): the factor that turns queries into shared-QK keys, rsqrt(mean(x^2) + 1e-6) / sqrt(d)."""
-    return torch.rsqrt(qk.pow(2).mean(dim=-1) + 1e-6) / math.sqrt(qk.shape[-1])
+def key_scale(qk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., d) -> the factor that turns queries into shared-QK keys, s = rsqrt(m) / sqrt(d), and
+    m = mean(x^2) + 1e-6, each (...)."""
+    mean_square = qk.pow(2).mean(dim=-1) + 1e-6
+    return torch.rsqrt(mean_square) / math.sqrt(qk.shape[-1]), mean_square
 
 
 def _split(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -37,7 +39,7 @@ class _ProjectedLSH(torch.autograd.Function):
     def forward(ctx, h, w_qk, w_v, qk, buckets, valid, band, dropout, seed):
         heads = buckets.shape[1]
         v = _split(F.linear(h.to(qk.dtype), w_v.to(qk.dtype)), heads)
-        scale = key_scale(qk)
+        scale, _ = key_scale(qk)
         out = heads_last(v)
         total = qk.new_empty(scale.shape)
         any_other = torch.empty(total.shape, dtype=torch.bool, device=qk.device)
@@ -63,14 +65,12 @@ class _ProjectedLSH(torch.autograd.Function):
         for i, part in enumerate(head_groups(out)):
             rows, width = slice(part.start * d, part.stop * d), part.stop - part.start
             qk, v = _split(F.linear(h, w_qk[rows]), width), _split(F.linear(h, w_v[rows]), width)
-            scale = key_scale(qk)
+            scale, mean_square = key_scale(qk)
             d_qk, d_scale, d_v = heads_last(qk), torch.empty_like(scale), heads_last(v)
             heads_backward(qk, scale, v, buckets[:, part], valid, out[:, part], total[:, part],
                             any_other[:, part], saved[2 * i], saved[2 * i + 1], d_out[:, part], ctx.band,
                             ctx.dropout, ctx.seed + part.start * buckets.shape[2], d_qk, d_scale, d_v)
-            # The keys' scale s = rsqrt(m) / sqrt(d), m = mean(qk^2) + 1e-6, depends on qk too:
-            # ds/dqk = -s qk / (d m).
-            mean_square = qk.pow(2).mean(dim=-1) + 1e-6
+            # The keys' scale depends on qk too: ds/dqk = -s qk / (d m).
             d_qk += (d_scale * scale / (-d * mean_square))[..., None] * qk
             for grad, weight, d_weight in ((d_qk, w_qk, d_w_qk), (d_v, w_v, d_w_v)):
                 grad_rows = grad.transpose(1, 2).reshape(-1, width * d)        # a view: (B, L, h, d) memory

@@ -149,16 +149,13 @@ def _block_mask(spans: Spans, window: Window, start: int, stop: int, key_valid_p
 
 
 def _block_probs(q, k_padded, spans: Spans, window: Window, start: int, stop: int, key_valid_padded):
-    """Probabilities (m, c, W), the normaliser (m, c) and whether each query saw another key (m, c)."""
+    """Masked logits and probabilities (m, c, W), and whether each query saw another key (m, c)."""
     c = window.chunk_length
     q_block = q[start * c:stop * c].view(stop - start, c, -1)
     logits = torch.bmm(q_block, _windows(k_padded, window, start, stop).transpose(1, 2))
     mask, has_other = _block_mask(spans, window, start, stop, key_valid_padded)
     logits = torch.where(mask, logits, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    # p_max = exp(x_max - lse), and p_max >= 1 / W keeps the logarithm accurate.
-    lse = logits.amax(dim=-1) - torch.log(probs.amax(dim=-1))
-    return probs, lse, has_other
+    return logits, torch.softmax(logits, dim=-1), has_other
 
 
 def _blocks(n_chunks: int, window: Window):
@@ -194,8 +191,9 @@ def interval_forward(q: torch.Tensor, k_padded: torch.Tensor, v_padded: torch.Te
     has_other = torch.empty(n // c, c, dtype=torch.bool, device=q.device)
     valid = _valid_padded(spans, window)
     for start, stop in _blocks(n // c, window):
-        probs, lse[start:stop], has_other[start:stop] = _block_probs(q, k_padded, spans, window, start,
-                                                                     stop, valid)
+        logits, probs, has_other[start:stop] = _block_probs(q, k_padded, spans, window, start, stop, valid)
+        # The normaliser (forward only): p_max = exp(x_max - lse), and p_max >= 1 / W keeps the log accurate.
+        lse[start:stop] = logits.amax(dim=-1) - torch.log(probs.amax(dim=-1))
         dropped, _ = _dropped(probs, dropout, seed, start)
         torch.bmm(dropped, _windows(v_padded, window, start, stop),
                   out=out[start * c:stop * c].view(stop - start, c, -1))
@@ -220,7 +218,7 @@ def interval_backward(q: torch.Tensor, k_padded: torch.Tensor, v_padded: torch.T
     valid = _valid_padded(spans, window)
     for start, stop in _blocks(n // c, window):
         rows = slice(start * c, stop * c)
-        probs, _, _ = _block_probs(q, k_padded, spans, window, start, stop, valid)
+        _, probs, _ = _block_probs(q, k_padded, spans, window, start, stop, valid)
         dropped, keep = _dropped(probs, dropout, seed, start)
         d_out_block = d_out[rows].view(stop - start, c, -1)
         _fold(d_v, window, start, dropped, d_out_block)

@@ -3,7 +3,7 @@
 Model: the "small" preset (4 layers, local + LSH, d_model 128) with random weights and max_seq_len
 large enough; transformers' ReformerModelWithLMHead of the same shape (local + LSH layers, its own
 cache). The prompt is random bytes of the context length; greedy decoding of --new tokens is timed
-after the prompt has been processed. Prints one JSON object per measurement.
+after the prompt has been processed and a few warm-up steps. Prints one JSON object per measurement.
 
     python benchmarks/generate.py --contexts 1024 8192 32768
 """
@@ -16,18 +16,22 @@ import time
 
 import torch
 
+WARM_UP = 4   # cached steps run before the clock starts, for both implementations
+
 
 def ours(context: int, new: int, cached: bool) -> float:
     from reformer import ReformerConfig, ReformerLM
     from reformer.generate import Decoder
 
     torch.manual_seed(0)
-    model = ReformerLM(ReformerConfig.preset("small", max_seq_len=context + new)).eval()
+    model = ReformerLM(ReformerConfig.preset("small", max_seq_len=context + new + WARM_UP)).eval()
     prompt = torch.randint(0, 256, (1, context))
     with torch.no_grad():
         if cached:
             decoder = Decoder(model)
             token = decoder.prefill(prompt).argmax(-1)
+            for _ in range(WARM_UP):
+                token = decoder.step(token).argmax(-1)
             start = time.perf_counter()
             for _ in range(new):
                 token = decoder.step(token).argmax(-1)
@@ -43,7 +47,7 @@ def huggingface(context: int, new: int) -> float:
     from transformers import ReformerConfig, ReformerModelWithLMHead
 
     torch.manual_seed(0)
-    length = context + new
+    length = context + new + WARM_UP
     side = 2 ** ((length - 1).bit_length() // 2 + 1)
     cfg = ReformerConfig(vocab_size=256, hidden_size=128, num_attention_heads=4, attention_head_size=32,
                          feed_forward_size=512, attn_layers=["local", "lsh", "local", "lsh"], num_hashes=2,
@@ -57,6 +61,9 @@ def huggingface(context: int, new: int) -> float:
     with torch.no_grad():
         out = model(prompt, use_cache=True)
         past, token = out.past_buckets_states, out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(WARM_UP):
+            out = model(token, past_buckets_states=past, use_cache=True)
+            past, token = out.past_buckets_states, out.logits[:, -1].argmax(-1, keepdim=True)
         start = time.perf_counter()
         for _ in range(new):
             out = model(token, past_buckets_states=past, use_cache=True)
@@ -67,7 +74,7 @@ def huggingface(context: int, new: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192])
-    parser.add_argument("--new", type=int, default=32, help="tokens timed (cached runs)")
+    parser.add_argument("--new", type=int, default=64, help="tokens timed (cached runs)")
     parser.add_argument("--new-uncached", type=int, default=4, help="tokens timed (uncached runs)")
     parser.add_argument("--skip-hf", action="store_true")
     args = parser.parse_args()

@@ -16,14 +16,24 @@ import torch
 import torch.nn.functional as F
 
 from .banded import Band, dropout_seed
-from .rounds import head_groups, heads_backward, heads_forward, heads_last
+from .rounds import RoundBuffers, head_groups, heads_backward, heads_forward, heads_last, heads_rows
 
 
 def key_scale(qk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(..., d) -> the factor that turns queries into shared-QK keys, s = rsqrt(m) / sqrt(d), and
-    m = mean(x^2) + 1e-6, each (...)."""
-    mean_square = qk.pow(2).mean(dim=-1) + 1e-6
+    m = mean(x^2) + 1e-6, each (...). (A dot product: no temporary the size of qk.)"""
+    mean_square = torch.linalg.vecdot(qk, qk) / qk.shape[-1] + 1e-6
     return torch.rsqrt(mean_square) / math.sqrt(qk.shape[-1]), mean_square
+
+
+def _group_buffers(buffers: RoundBuffers | None, band: Band, part: slice, like: torch.Tensor,
+                   forward: bool) -> RoundBuffers:
+    """Round buffers for head group ``part`` of like (B, H, L, d): the last group's, unless its size
+    differs (only the last group can be smaller)."""
+    n = like.shape[0] * (part.stop - part.start) * like.shape[2]
+    if buffers is None or buffers.n != n:
+        buffers = RoundBuffers(band, n, like.shape[-1], like.shape[-1], like, forward)
+    return buffers
 
 
 def _split(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -43,12 +53,14 @@ class _ProjectedLSH(torch.autograd.Function):
         out = heads_last(v)
         total = qk.new_empty(scale.shape)
         any_other = torch.empty(total.shape, dtype=torch.bool, device=qk.device)
-        saved = []   # per head group: each round's scores and sort order
+        saved, buffers = [], None   # per head group: each round's scores and sort order
         for part in head_groups(qk):
-            out[:, part], total[:, part], any_other[:, part], scores, orders = heads_forward(
+            buffers = _group_buffers(buffers, band, part, v, forward=True)
+            total[:, part], any_other[:, part], scores, orders = heads_forward(
                 qk[:, part], scale[:, part], v[:, part], buckets[:, part], valid, band, dropout,
-                seed + part.start * buckets.shape[2])
+                seed + part.start * buckets.shape[2], buffers, out[:, part])
             saved += [scores, orders]
+        del buffers
         ctx.save_for_backward(h, w_qk, w_v, buckets, valid, out, total, any_other, *saved)
         ctx.band, ctx.dropout, ctx.seed = band, dropout, seed
         return out
@@ -57,23 +69,29 @@ class _ProjectedLSH(torch.autograd.Function):
     def backward(ctx, d_out):
         h_in, w_qk_in, w_v_in, buckets, valid, out, total, any_other, *saved = ctx.saved_tensors
         h, w_qk, w_v = (t.to(out.dtype) for t in (h_in, w_qk_in, w_v_in))
-        d = w_qk.shape[0] // buckets.shape[1]
+        batch, d = h.shape[0], w_qk.shape[0] // buckets.shape[1]
         h_rows = h.reshape(-1, h.shape[-1])
         d_h = torch.zeros_like(h_rows)
         d_w_qk, d_w_v = torch.empty_like(w_qk), torch.empty_like(w_v)
         d_out = d_out.to(out.dtype)
+        buffers = None
         for i, part in enumerate(head_groups(out)):
+            buffers = _group_buffers(buffers, ctx.band, part, out, forward=False)
             rows, width = slice(part.start * d, part.stop * d), part.stop - part.start
-            qk, v = _split(F.linear(h, w_qk[rows]), width), _split(F.linear(h, w_v[rows]), width)
+            # (B L, width d) rows of the buffers: the group's projections and their gradients
+            qk_rows, v_rows, d_qk_rows, d_v_rows = (x.view(-1, width * d) for x in
+                                                    (buffers.qk, buffers.v, buffers.d_qk, buffers.d_v))
+            qk = heads_rows(torch.mm(h_rows, w_qk[rows].t(), out=qk_rows), batch, width)
+            v = heads_rows(torch.mm(h_rows, w_v[rows].t(), out=v_rows), batch, width)
             scale, mean_square = key_scale(qk)
-            d_qk, d_scale, d_v = heads_last(qk), torch.empty_like(scale), heads_last(v)
+            d_qk, d_scale, d_v = heads_rows(d_qk_rows, batch, width), torch.empty_like(scale), heads_rows(
+                d_v_rows, batch, width)
             heads_backward(qk, scale, v, buckets[:, part], valid, out[:, part], total[:, part],
                             any_other[:, part], saved[2 * i], saved[2 * i + 1], d_out[:, part], ctx.band,
-                            ctx.dropout, ctx.seed + part.start * buckets.shape[2], d_qk, d_scale, d_v)
+                            ctx.dropout, ctx.seed + part.start * buckets.shape[2], buffers, d_qk, d_scale, d_v)
             # The keys' scale depends on qk too: ds/dqk = -s qk / (d m).
-            d_qk += (d_scale * scale / (-d * mean_square))[..., None] * qk
-            for grad, weight, d_weight in ((d_qk, w_qk, d_w_qk), (d_v, w_v, d_w_v)):
-                grad_rows = grad.transpose(1, 2).reshape(-1, width * d)        # a view: (B, L, h, d) memory
+            d_qk.addcmul_((d_scale * scale / (-d * mean_square))[..., None], qk)
+            for grad_rows, weight, d_weight in ((d_qk_rows, w_qk, d_w_qk), (d_v_rows, w_v, d_w_v)):
                 d_h.addmm_(grad_rows, weight[rows])
                 torch.mm(grad_rows.t(), h_rows, out=d_weight[rows])
         return (d_h.view(h.shape).to(h_in.dtype), d_w_qk.to(w_qk_in.dtype), d_w_v.to(w_v_in.dtype),

@@ -9,6 +9,7 @@ sorted sequence a query's bucket window is one interval of it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,12 +47,15 @@ def storage_rows(x: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, to
     lengths of either, so that rows can be read from, and gradients written into, memory in place.
     """
     d = x.shape[-1]
-    if x.stride(-1) != 1 or x.storage_offset() % d or any(s % d for s in x.stride()[:3]):
+    if x.numel() == 0 or x.stride(-1) != 1 or x.storage_offset() % d or any(s % d for s in x.stride()[:3]):
         return None
-    flat = x.as_strided((x.untyped_storage().nbytes() // x.element_size() // d, d), (d, 1), 0)
+    # The rows x spans, and no more: a view of the whole storage would overlap other tensors carved
+    # from it (RoundBuffers), and index_select refuses to write into memory its input overlaps.
+    span = 1 + sum((size - 1) * stride for size, stride in zip(x.shape[:3], x.stride()[:3])) // d
+    flat = x.as_strided((span, d), (d, 1), x.storage_offset())
     batch, heads = (torch.arange(size, device=x.device) * (stride // d)
                     for size, stride in zip(x.shape[:2], x.stride()[:2]))
-    start = batch[:, None, None] + heads[None, :, None] + x.storage_offset() // d
+    start = batch[:, None, None] + heads[None, :, None]
     return flat, start + index * (x.stride(2) // d)
 
 
@@ -83,24 +87,55 @@ def sorted_validity(valid: torch.Tensor | None, positions: torch.Tensor) -> torc
     return valid[:, None, :].expand(-1, positions.shape[1], -1).gather(2, positions)
 
 
-class RoundBuffers:
-    """Rows that every round of a head group reuses: sorted queries, padded keys and values (for the
-    interval core), and in forward the core's output, also in position order.
+def carve(like: torch.Tensor, *shapes: tuple[int, ...]) -> list[torch.Tensor]:
+    """Contiguous tensors of the given shapes (like's dtype and device), views of one fresh allocation.
 
-    At 64K tokens each is 16 MiB; allocated afresh per round, such blocks come from (and go back to)
-    the system each time, and the page faults cost more than the copies themselves.
+    Blocks above glibc's mmap threshold (at most 32 MiB) come from the system and go back to it whole;
+    smaller ones land in the heap, where the holes they leave between longer-lived tensors stay
+    resident. A head group's 16 MiB rows, allocated one by one, kept ~100 MiB of freed memory resident
+    at the peak of the 64K layer step; carved from one block per call they keep none.
+    """
+    sizes = [math.prod(shape) for shape in shapes]
+    flat = like.new_empty(sum(sizes))
+    return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
+
+
+class RoundBuffers:
+    """Rows that every round of every head group of one call reuses, carved from one allocation.
+
+    All calls: sorted queries, padded keys and values (for the interval core). Forward: the core's
+    output, the same in position order, and the accumulator of the rounds. Backward: the core's
+    gradients (dq, padded dk and dv), a round's scaled d_out, and for the caller the group's projected
+    qk and v and their gradients (rows of (batch, length, heads, d) memory, ``heads_rows``).
+    ``n`` rows: batch x heads x length of one group. Allocated once per call (not per group or per
+    round): fresh 16-64 MiB blocks cost page faults on every touch, more than the copies themselves.
     """
 
-    def __init__(self, window: Window, n: int, d_qk: int, d_v: int, like: torch.Tensor, output: bool):
+    def __init__(self, band: Band, n: int, d_qk: int, d_v: int, like: torch.Tensor, forward: bool):
+        window = self.window = _window(band)
         c = window.chunk_length
         padded = window.before * c + n + window.after * c
-        self.window = window
-        self.q = like.new_empty(n, d_qk)
-        self.k_padded = like.new_zeros(padded, d_qk)   # the padding rows stay zero
-        self.v_padded = like.new_zeros(padded, d_v)
-        # forward only: the core's output, and the same back in position order
-        self.out = like.new_empty(n, d_v) if output else None
-        self.rows = like.new_empty(n, d_v) if output else None
+        self.n = n
+        shapes = [(n, d_qk), (padded, d_qk), (padded, d_v)]
+        if forward:
+            shapes += [(n, d_v)] * 3
+        else:
+            shapes += [(n, d_qk), (padded, d_qk), (padded, d_v), (n, d_v), (n, d_qk), (n, d_v), (n, d_qk), (n, d_v)]
+        parts = carve(like, *shapes)
+        self.q, self.k_padded, self.v_padded = parts[:3]
+        for padded_rows in (self.k_padded, self.v_padded):   # the padding rows stay zero
+            padded_rows[:window.before * c].zero_()
+            padded_rows[padded - window.after * c:].zero_()
+        if forward:
+            self.out, self.rows, self.acc = parts[3:]
+        else:
+            self.core_grads, self.d_round = tuple(parts[3:6]), parts[6]
+            self.qk, self.v, self.d_qk, self.d_v = parts[7:]
+
+
+def heads_rows(rows: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
+    """(batch * length, heads * d) rows -> (batch, heads, length, d) view (split_heads' layout)."""
+    return rows.view(batch, rows.shape[0] // batch, heads, -1).transpose(1, 2)
 
 
 @dataclass
@@ -162,16 +197,17 @@ def _window(band: Band) -> Window:
     return Window(c // 2, 2 * band.before, 2 * band.after)
 
 
-def heads_forward(qk, key_scale, v, buckets, valid, band: Band, dropout: float, seed: int):
-    """Rounds one after the other, combined by an online softmax.
+def heads_forward(qk, key_scale, v, buckets, valid, band: Band, dropout: float, seed: int,
+                  buffers: RoundBuffers, out: torch.Tensor):
+    """Rounds one after the other, combined by an online softmax; the result written into ``out``
+    (B, H, L, d), any layout. ``buffers``: a forward RoundBuffers for B * H * L rows.
 
-    Returns out (B, H, L, d), the total normaliser and any_other (B, H, L), each round's score (its
-    normaliser, -inf where the query saw only itself) (rounds, B * H * L) and each round's sort order
-    (rounds, B, H, L), both for backward.
+    Returns the total normaliser and any_other (B, H, L), each round's score (its normaliser, -inf
+    where the query saw only itself) (rounds, B * H * L) and each round's sort order (rounds, B, H, L),
+    both for backward.
     """
     rounds, n, d = buckets.shape[2], v.shape[0] * v.shape[1] * v.shape[2], v.shape[-1]
-    buffers = RoundBuffers(_window(band), n, qk.shape[-1], d, v, output=True)
-    acc = v.new_zeros(n, d)
+    acc = buffers.acc.zero_()
     best = qk.new_full((n,), float("-inf"))
     norm = qk.new_zeros(n)
     scores = qk.new_empty(rounds, n)
@@ -180,28 +216,29 @@ def heads_forward(qk, key_scale, v, buckets, valid, band: Band, dropout: float, 
         _, positions, _ = sort_by_bucket(buckets[:, :, r, None])
         orders.append(positions)
         items = sorted_round(buffers, band.causal, qk, key_scale, v, buckets[:, :, r], positions, valid)
-        out, lse, has_other = interval_forward(items.q, items.k_padded, items.v_padded, items.spans,
-                                               buffers.window, dropout, seed + r, out=buffers.out)
-        out = torch.index_select(out, 0, items.unsorted, out=buffers.rows)   # back to (batch, head, position)
+        core_out, lse, has_other = interval_forward(items.q, items.k_padded, items.v_padded, items.spans,
+                                                    buffers.window, dropout, seed + r, out=buffers.out)
+        # back to (batch, head, position) order
+        core_out = torch.index_select(core_out, 0, items.unsorted, out=buffers.rows)
         torch.index_select(lse.masked_fill(~has_other, float("-inf")), 0, items.unsorted, out=scores[r])
         new_best = torch.maximum(best, scores[r])
         seen = torch.isfinite(new_best)
         rescale = torch.where(seen, torch.exp(best - new_best), 1.0)
         weight = torch.where(seen, torch.exp(scores[r] - new_best), 0.0)
-        acc.mul_(rescale[:, None]).addcmul_(weight[:, None], out)
+        acc.mul_(rescale[:, None]).addcmul_(weight[:, None], core_out)
         norm, best = norm * rescale + weight, new_best
-    any_other = norm > 0
+    any_other = (norm > 0).view(*v.shape[:3], 1)
     # A query that saw only itself in every round returns its own value, exactly.
-    out = torch.where(any_other[:, None], acc.div_(norm.clamp_min(1e-30)[:, None]), v.reshape(n, d))
+    torch.where(any_other, acc.div_(norm.clamp_min(1e-30)[:, None]).view(v.shape), v, out=out)
     total = best + torch.log(norm)
-    return out.view(v.shape), total.view(v.shape[:3]), any_other.view(v.shape[:3]), scores, torch.stack(orders)
+    return total.view(v.shape[:3]), any_other.view(v.shape[:3]), scores, torch.stack(orders)
 
 
 def heads_backward(qk, key_scale, v, buckets, valid, out, total, any_other, scores, orders, d_out,
-                    band: Band, dropout: float, seed: int, d_qk: torch.Tensor, d_scale: torch.Tensor,
-                    d_v: torch.Tensor):
-    """Gradients of ``heads_forward``, recomputing each round's scores, added into d_qk, d_scale and
-    d_v (views of the layer's gradients, (B, H, L, d) and (B, H, L)).
+                    band: Band, dropout: float, seed: int, buffers: RoundBuffers, d_qk: torch.Tensor,
+                    d_scale: torch.Tensor, d_v: torch.Tensor):
+    """Gradients of ``heads_forward``, recomputing each round's scores, written into d_qk, d_scale and
+    d_v ((B, H, L, d) and (B, H, L), any layout). ``buffers``: a backward RoundBuffers for B * H * L rows.
 
     With o = sum_r w_r o_r and w_r = exp(l_r - total), the gradient of round r's logit x_j is
     w_r P_j (g . v_j - g . o) (the paths through o_r and through l_r together), so a round needs only
@@ -214,18 +251,16 @@ def heads_backward(qk, key_scale, v, buckets, valid, out, total, any_other, scor
     d_qk.zero_()
     torch.mul(d_out, (~any_other).view(*d_out.shape[:3], 1), out=d_v)   # queries that returned their own value
     scale_grad = torch.zeros_like(total)
-    buffers = RoundBuffers(_window(band), n, qk.shape[-1], d, v, output=False)
-    grads = _CoreGrads(buffers)
     for r in range(buckets.shape[2]):
         items = sorted_round(buffers, band.causal, qk, key_scale, v, buckets[:, :, r], orders[r], valid)
         weight = torch.exp(scores[r] - total).masked_fill(~any_other, 0.0).index_select(0, items.order)
-        d_round = grads.d_round
+        d_round = buffers.d_round
         _gather_rows(d_out, items.positions, d_round)
         d_round.mul_(weight[:, None])
         d_q, d_k, d_v_round = interval_backward(items.q, items.k_padded, items.v_padded, items.spans,
                                                 buffers.window, d_round,
                                                 weight * g_dot_o.index_select(0, items.order), dropout,
-                                                seed + r, grads=grads.core)
+                                                seed + r, grads=buffers.core_grads)
         d_k = unpad_keys(d_k, buffers.window)
         scale_grad += torch.linalg.vecdot(d_k, items.q).index_select(0, items.unsorted)
         # Back to position order through the d_round rows, free once the core is done with them.
@@ -234,16 +269,6 @@ def heads_backward(qk, key_scale, v, buckets, valid, out, total, any_other, scor
         d_v += torch.index_select(unpad_keys(d_v_round, buffers.window), 0, items.unsorted,
                                   out=d_round).view(d_v.shape)
     d_scale.copy_(scale_grad.view(d_scale.shape))
-
-
-class _CoreGrads:
-    """Gradient rows reused by every round in backward: the core's (dq, padded dk, padded dv) and the
-    round's scaled d_out."""
-
-    def __init__(self, buffers: RoundBuffers):
-        self.core = (torch.empty_like(buffers.q), torch.empty_like(buffers.k_padded),
-                     torch.empty_like(buffers.v_padded))
-        self.d_round = torch.empty_like(unpad_keys(buffers.v_padded, buffers.window))
 
 
 HEAD_GROUP_ELEMENTS = 1 << 20   # q values of the heads attended together (4 MiB in float32)

@@ -112,40 +112,42 @@ def _fold(grad: torch.Tensor, window: Window, start: int, parts: torch.Tensor, r
 
 @functools.lru_cache(maxsize=8)
 def _interval_table(width: int, device: torch.device) -> torch.Tensor:
-    """Row lo * (width + 1) + hi is the mask of columns lo <= j < hi: ((width + 1)^2, width) bool."""
+    """Row lo * (width + 1) + hi marks the columns outside lo <= j < hi: ((width + 1)^2, width) bool."""
     cols = torch.arange(width, device=device)
     bounds = torch.arange(width + 1, device=device)
-    return ((cols >= bounds[:, None, None]) & (cols < bounds[None, :, None])).view(-1, width)
+    return ((cols < bounds[:, None, None]) | (cols >= bounds[None, :, None])).view(-1, width)
 
 
 TABLE_WIDTH = 256   # widest window whose interval masks come from a table (16 MiB of bools)
 
 
-def _block_mask(spans: Spans, window: Window, start: int, stop: int, key_valid_padded):
-    """Allowed columns (m, c, W) bool of the queries of chunks start ... stop - 1, self fallback applied,
-    and has_other (m, c): whether a query had an allowed key (other than itself) before the fallback."""
+def _block_blocked(spans: Spans, window: Window, start: int, stop: int, key_valid_padded):
+    """Columns (m, c, W) bool a query of chunks start ... stop - 1 may not see, self fallback applied,
+    and has_other (m, c): whether a query had an allowed key (other than itself) before the fallback.
+
+    The blocked columns rather than the allowed ones, so that the logits are masked in place."""
     c, width, m = window.chunk_length, window.width, stop - start
     rows = slice(start * c, stop * c)
     lo, hi, skip = spans.lo[rows], spans.hi[rows], spans.skip[rows]
-    if width <= TABLE_WIDTH:   # one row copy per query instead of two comparisons and an and
-        mask = _interval_table(width, lo.device).index_select(0, lo * (width + 1) + hi)
+    if width <= TABLE_WIDTH:   # one row copy per query instead of two comparisons and an or
+        blocked = _interval_table(width, lo.device).index_select(0, lo * (width + 1) + hi)
     else:
         cols = torch.arange(width, device=lo.device)
-        mask = (cols >= lo[:, None]) & (cols < hi[:, None])
-    flat = mask.view(-1)
+        blocked = (cols < lo[:, None]) | (cols >= hi[:, None])
+    flat = blocked.view(-1)
     offsets = torch.arange(0, m * c * width, width, device=lo.device)
     excluded = skip >= 0
     if bool(excluded.any()):
-        flat[(offsets + skip)[excluded]] = False
-    mask = mask.view(m, c, width)
+        flat[(offsets + skip)[excluded]] = True
+    blocked = blocked.view(m, c, width)
     if key_valid_padded is None:
-        return mask, spans.has_other[rows].view(m, c)
-    mask &= _windows(key_valid_padded[:, None], window, start, stop)[..., 0][:, None, :]
-    has_other = mask.any(dim=-1)
+        return blocked, spans.has_other[rows].view(m, c)
+    blocked |= ~_windows(key_valid_padded[:, None], window, start, stop)[..., 0][:, None, :]
+    has_other = ~blocked.all(dim=-1)
     # The self fallback, per row: a query with no allowed key left sees itself alone.
     own = offsets + window.before * c + torch.arange(c, device=lo.device).repeat(m)
-    flat[own[~has_other.view(-1)]] = True
-    return mask, has_other
+    flat[own[~has_other.view(-1)]] = False
+    return blocked, has_other
 
 
 def _block_probs(q, k_padded, spans: Spans, window: Window, start: int, stop: int, key_valid_padded):
@@ -153,8 +155,8 @@ def _block_probs(q, k_padded, spans: Spans, window: Window, start: int, stop: in
     c = window.chunk_length
     q_block = q[start * c:stop * c].view(stop - start, c, -1)
     logits = torch.bmm(q_block, _windows(k_padded, window, start, stop).transpose(1, 2))
-    mask, has_other = _block_mask(spans, window, start, stop, key_valid_padded)
-    logits = torch.where(mask, logits, float("-inf"))
+    blocked, has_other = _block_blocked(spans, window, start, stop, key_valid_padded)
+    logits.masked_fill_(blocked, float("-inf"))
     return logits, torch.softmax(logits, dim=-1), has_other
 
 

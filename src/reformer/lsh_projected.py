@@ -21,8 +21,8 @@ from .rounds import RoundBuffers, head_groups, heads_backward, heads_forward, he
 
 def key_scale(qk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(..., d) -> the factor that turns queries into shared-QK keys, s = rsqrt(m) / sqrt(d), and
-    m = mean(x^2) + 1e-6, each (...). (A dot product: no temporary the size of qk.)"""
-    mean_square = torch.linalg.vecdot(qk, qk) / qk.shape[-1] + 1e-6
+    m = mean(x^2) + 1e-6, each (...). (Through the norm: no temporary the size of qk.)"""
+    mean_square = torch.linalg.vector_norm(qk, dim=-1).square_() / qk.shape[-1] + 1e-6
     return torch.rsqrt(mean_square) / math.sqrt(qk.shape[-1]), mean_square
 
 

@@ -34,6 +34,21 @@ def test_cached_logits_equal_full_forward_at_every_step(name, prompt):
     assert diff <= 1e-5, diff
 
 
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-10), (torch.bfloat16, 0.25)])
+def test_cached_decoding_in_the_models_dtype(dtype, tolerance):
+    """The decoder's fused weights and hashing follow the model's dtype (rotations are drawn in float32)."""
+    torch.manual_seed(0)
+    model = ReformerLM(tiny(init_std=0.2, **MODELS["mixed"])).eval().to(dtype)
+    ids = torch.randint(0, 64, (2, 40))
+    with torch.no_grad():
+        full = model(ids)
+    decoder = Decoder(model)
+    steps = [decoder.prefill(ids[:, :20])] + [decoder.step(ids[:, t]) for t in range(20, 40)]
+    cached = torch.stack(steps, dim=1)
+    assert cached.dtype == dtype
+    assert (cached - full[:, 19:]).abs().max().item() <= tolerance
+
+
 def test_decoder_refuses_models_it_cannot_cache_exactly():
     with pytest.raises(ValueError, match="bucket"):
         Decoder(ReformerLM(tiny(lsh_window="chunk")))

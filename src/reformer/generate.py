@@ -106,7 +106,8 @@ class LSHCache:
             part = self.rotations[..., first:first + factor // 2]
             parts += [part, -part]
             first += factor // 2
-        self.hash_matrix = torch.cat(parts, dim=-1).flatten(2)           # (H, d, R * sum(factors))
+        # (H, d, R * sum(factors)), in the weights' dtype and device (the rotations are drawn in float32)
+        self.hash_matrix = torch.cat(parts, dim=-1).flatten(2).to(self.weight)
         self.slots = torch.arange(self.window, device=self.weight.device)
         self.ring = self.count = None
         self.rows = None   # (storage, its (rows, 2d) view, first row of each (batch, head)) for gathers

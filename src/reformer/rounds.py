@@ -116,11 +116,12 @@ class RoundBuffers:
         c = window.chunk_length
         padded = window.before * c + n + window.after * c
         self.n = n
-        shapes = [(n, d_qk), (padded, d_qk), (padded, d_v)]
+        shapes = [(n, d_qk), (padded, d_qk), (padded, d_v)]              # q, k_padded, v_padded
         if forward:
-            shapes += [(n, d_v)] * 3
+            shapes += [(n, d_v)] * 3                                       # out, rows, acc
         else:
-            shapes += [(n, d_qk), (padded, d_qk), (padded, d_v), (n, d_v), (n, d_qk), (n, d_v), (n, d_qk), (n, d_v)]
+            shapes += [(n, d_qk), (padded, d_qk), (padded, d_v), (n, d_v)]   # core grads, d_round
+            shapes += [(n, d_qk), (n, d_v)] * 2                            # qk, v, d_qk, d_v
         parts = carve(like, *shapes)
         self.q, self.k_padded, self.v_padded = parts[:3]
         for padded_rows in (self.k_padded, self.v_padded):   # the padding rows stay zero

@@ -172,15 +172,18 @@ def _projected(h, w_qk, w_v, buckets, band, valid, **kwargs):
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("one_head_at_a_time", [False, True])
-def test_round_by_round_equals_all_rounds_at_once(causal, one_head_at_a_time, monkeypatch):
+@pytest.mark.parametrize("keep_rounds", [True, False])
+def test_round_by_round_equals_all_rounds_at_once(causal, one_head_at_a_time, keep_rounds, monkeypatch):
     """The layer's path (projections inside, rounds one at a time on the interval core) against the
-    masked core on all rounds sorted together, with autograd through plain projections."""
-    from reformer import rounds
+    masked core on all rounds sorted together, with autograd through plain projections; backward
+    reading the rounds forward kept (short lengths) or recomputing them (long ones)."""
+    from reformer import lsh_projected, rounds
     from reformer.attention import combine_rounds, normalize_keys, split_heads
     from reformer.rounds import gather_items, sort_by_bucket, unsort
 
     if one_head_at_a_time:   # as at long lengths: head groups of one, each projected on its own
         monkeypatch.setattr(rounds, "HEAD_GROUP_ELEMENTS", 1)
+    monkeypatch.setattr(lsh_projected, "KEEP_ROUNDS_BYTES", 1 << 30 if keep_rounds else 0)
     band = Band(4, 1, 0 if causal else 1, causal=causal, same_bucket=True, mask_self=True)
     h, w_qk, w_v, buckets, valid = _random_rounds(0)
     q, v = split_heads(h @ w_qk.T, 2), split_heads(h @ w_v.T, 2)
@@ -201,7 +204,11 @@ def test_round_by_round_equals_all_rounds_at_once(causal, one_head_at_a_time, mo
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_round_by_round_gradients_are_exact(dropout):
+@pytest.mark.parametrize("keep_rounds", [True, False])
+def test_round_by_round_gradients_are_exact(dropout, keep_rounds, monkeypatch):
+    from reformer import lsh_projected
+
+    monkeypatch.setattr(lsh_projected, "KEEP_ROUNDS_BYTES", 1 << 30 if keep_rounds else 0)
     band = Band(4, 1, 0, causal=True, same_bucket=True, mask_self=True)
     h, w_qk, w_v, buckets, valid = _random_rounds(1, n=16)
 

@@ -181,11 +181,13 @@ def _dropped(probs, dropout: float, seed: int, start: int):
 
 
 def interval_forward(q: torch.Tensor, k_padded: torch.Tensor, v_padded: torch.Tensor, spans: Spans,
-                     window: Window, dropout: float = 0.0, seed: int = 0, out: torch.Tensor | None = None):
+                     window: Window, dropout: float = 0.0, seed: int = 0, out: torch.Tensor | None = None,
+                     probs_out: torch.Tensor | None = None):
     """Attention of each query to its span. q: (N, d); k_padded, v_padded: ``pad_keys`` of (N, d).
 
     Returns out (N, d_v) (written into ``out`` if given), the logsumexp of each query's allowed logits
-    (N,) and has_other (N,) bool.
+    (N,) and has_other (N,) bool. ``probs_out`` (N / c, c, W), if given, receives the probabilities
+    (before dropout) for ``interval_backward`` to reuse instead of recomputing them.
     """
     c, n = window.chunk_length, q.shape[0]
     out = q.new_empty(n, v_padded.shape[-1]) if out is None else out
@@ -194,6 +196,8 @@ def interval_forward(q: torch.Tensor, k_padded: torch.Tensor, v_padded: torch.Te
     valid = _valid_padded(spans, window)
     for start, stop in _blocks(n // c, window):
         logits, probs, has_other[start:stop] = _block_probs(q, k_padded, spans, window, start, stop, valid)
+        if probs_out is not None:
+            probs_out[start:stop] = probs
         # The normaliser (forward only): p_max = exp(x_max - lse), and p_max >= 1 / W keeps the log accurate.
         lse[start:stop] = logits.amax(dim=-1) - torch.log(probs.amax(dim=-1))
         dropped, _ = _dropped(probs, dropout, seed, start)
@@ -204,12 +208,14 @@ def interval_forward(q: torch.Tensor, k_padded: torch.Tensor, v_padded: torch.Te
 
 def interval_backward(q: torch.Tensor, k_padded: torch.Tensor, v_padded: torch.Tensor, spans: Spans,
                       window: Window, d_out: torch.Tensor, row: torch.Tensor, dropout: float = 0.0,
-                      seed: int = 0, grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+                      seed: int = 0, grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                      probs: torch.Tensor | None = None):
     """Gradients (dq (N, d), dk_padded, dv_padded) given d_out (N, d_v) and ``row`` (N,).
 
     d logits = P * (dP - row), dP = d_out . v: with row = sum(d_out * out) - d_lse this is the
     gradient of (out, lse); LSH passes its own row to fold in the combination of rounds (rounds.py).
     ``grads``: tensors shaped like q, k_padded and v_padded to write the gradients into (reused rows).
+    ``probs``: the probabilities forward kept (``probs_out``), or None to recompute them block by block.
     """
     c, n = window.chunk_length, q.shape[0]
     if grads is None:
@@ -220,14 +226,17 @@ def interval_backward(q: torch.Tensor, k_padded: torch.Tensor, v_padded: torch.T
     valid = _valid_padded(spans, window)
     for start, stop in _blocks(n // c, window):
         rows = slice(start * c, stop * c)
-        _, probs, _ = _block_probs(q, k_padded, spans, window, start, stop, valid)
-        dropped, keep = _dropped(probs, dropout, seed, start)
+        if probs is None:
+            _, block_probs, _ = _block_probs(q, k_padded, spans, window, start, stop, valid)
+        else:
+            block_probs = probs[start:stop]
+        dropped, keep = _dropped(block_probs, dropout, seed, start)
         d_out_block = d_out[rows].view(stop - start, c, -1)
         _fold(d_v, window, start, dropped, d_out_block)
         d_probs = torch.bmm(d_out_block, _windows(v_padded, window, start, stop).transpose(1, 2))
         if keep is not None:
             d_probs = d_probs * keep / (1 - dropout)
-        d_logits = d_probs.sub_(row[rows].view(stop - start, c, 1)).mul_(probs)
+        d_logits = d_probs.sub_(row[rows].view(stop - start, c, 1)).mul_(block_probs)
         torch.bmm(d_logits, _windows(k_padded, window, start, stop), out=d_q[rows].view(stop - start, c, -1))
         _fold(d_k, window, start, d_logits, q[rows].view(stop - start, c, -1))
     return d_q, d_k, d_v

@@ -111,13 +111,16 @@ class RoundBuffers:
     round): fresh 16-64 MiB blocks cost page faults on every touch, more than the copies themselves.
     """
 
-    def __init__(self, band: Band, n: int, d_qk: int, d_v: int, like: torch.Tensor, forward: bool):
+    def __init__(self, band: Band, n: int, d_qk: int, d_v: int, like: torch.Tensor, forward: bool,
+                 sorted_only: bool = False):
         window = self.window = _window(band)
         c = window.chunk_length
         padded = window.before * c + n + window.after * c
         self.n = n
         shapes = [(n, d_qk), (padded, d_qk), (padded, d_v)]              # q, k_padded, v_padded
-        if forward:
+        if sorted_only:   # one round's sorted rows, kept for backward (heads_forward's keep)
+            pass
+        elif forward:
             shapes += [(n, d_v)] * 3                                       # out, rows, acc
         else:
             shapes += [(n, d_qk), (padded, d_qk), (padded, d_v), (n, d_v)]   # core grads, d_round
@@ -127,7 +130,9 @@ class RoundBuffers:
         for padded_rows in (self.k_padded, self.v_padded):   # the padding rows stay zero
             padded_rows[:window.before * c].zero_()
             padded_rows[padded - window.after * c:].zero_()
-        if forward:
+        if sorted_only:
+            pass
+        elif forward:
             self.out, self.rows, self.acc = parts[3:]
         else:
             self.core_grads, self.d_round = tuple(parts[3:6]), parts[6]
@@ -199,26 +204,32 @@ def _window(band: Band) -> Window:
 
 
 def heads_forward(qk, key_scale, v, buckets, valid, band: Band, dropout: float, seed: int,
-                  buffers: RoundBuffers, out: torch.Tensor):
+                  buffers: RoundBuffers, out: torch.Tensor, keep: bool = False):
     """Rounds one after the other, combined by an online softmax; the result written into ``out``
     (B, H, L, d), any layout. ``buffers``: a forward RoundBuffers for B * H * L rows.
 
     Returns the total normaliser and any_other (B, H, L), each round's score (its normaliser, -inf
-    where the query saw only itself) (rounds, B * H * L) and each round's sort order (rounds, B, H, L),
-    both for backward.
+    where the query saw only itself) (rounds, B * H * L), each round's sort order (rounds, B, H, L),
+    and with ``keep`` each round's sorted rows and probabilities (else None), all for backward.
     """
     rounds, n, d = buckets.shape[2], v.shape[0] * v.shape[1] * v.shape[2], v.shape[-1]
     acc = buffers.acc.zero_()
     best = qk.new_full((n,), float("-inf"))
     norm = qk.new_zeros(n)
     scores = qk.new_empty(rounds, n)
-    orders = []
+    orders, kept = [], [] if keep else None
     for r in range(rounds):
         _, positions, _ = sort_by_bucket(buckets[:, :, r, None])
         orders.append(positions)
-        items = sorted_round(buffers, band.causal, qk, key_scale, v, buckets[:, :, r], positions, valid)
+        sorted_rows = RoundBuffers(band, n, qk.shape[-1], d, v, True, sorted_only=True) if keep else buffers
+        items = sorted_round(sorted_rows, band.causal, qk, key_scale, v, buckets[:, :, r], positions, valid)
+        window = buffers.window
+        probs = qk.new_empty(n // window.chunk_length, window.chunk_length, window.width) if keep else None
         core_out, lse, has_other = interval_forward(items.q, items.k_padded, items.v_padded, items.spans,
-                                                    buffers.window, dropout, seed + r, out=buffers.out)
+                                                    buffers.window, dropout, seed + r, out=buffers.out,
+                                                    probs_out=probs)
+        if keep:
+            kept.append((items, probs))
         # back to (batch, head, position) order
         core_out = torch.index_select(core_out, 0, items.unsorted, out=buffers.rows)
         torch.index_select(lse.masked_fill(~has_other, float("-inf")), 0, items.unsorted, out=scores[r])
@@ -232,14 +243,15 @@ def heads_forward(qk, key_scale, v, buckets, valid, band: Band, dropout: float, 
     # A query that saw only itself in every round returns its own value, exactly.
     torch.where(any_other, acc.div_(norm.clamp_min(1e-30)[:, None]).view(v.shape), v, out=out)
     total = best + torch.log(norm)
-    return total.view(v.shape[:3]), any_other.view(v.shape[:3]), scores, torch.stack(orders)
+    return total.view(v.shape[:3]), any_other.view(v.shape[:3]), scores, torch.stack(orders), kept
 
 
 def heads_backward(qk, key_scale, v, buckets, valid, out, total, any_other, scores, orders, d_out,
                     band: Band, dropout: float, seed: int, buffers: RoundBuffers, d_qk: torch.Tensor,
-                    d_scale: torch.Tensor, d_v: torch.Tensor):
-    """Gradients of ``heads_forward``, recomputing each round's scores, written into d_qk, d_scale and
-    d_v ((B, H, L, d) and (B, H, L), any layout). ``buffers``: a backward RoundBuffers for B * H * L rows.
+                    d_scale: torch.Tensor, d_v: torch.Tensor, kept: list | None = None):
+    """Gradients of ``heads_forward``, recomputing each round's scores (or reading what forward
+    ``kept``), written into d_qk, d_scale and d_v ((B, H, L, d) and (B, H, L), any layout).
+    ``buffers``: a backward RoundBuffers for B * H * L rows.
 
     With o = sum_r w_r o_r and w_r = exp(l_r - total), the gradient of round r's logit x_j is
     w_r P_j (g . v_j - g . o) (the paths through o_r and through l_r together), so a round needs only
@@ -253,7 +265,11 @@ def heads_backward(qk, key_scale, v, buckets, valid, out, total, any_other, scor
     torch.mul(d_out, (~any_other).view(*d_out.shape[:3], 1), out=d_v)   # queries that returned their own value
     scale_grad = torch.zeros_like(total)
     for r in range(buckets.shape[2]):
-        items = sorted_round(buffers, band.causal, qk, key_scale, v, buckets[:, :, r], orders[r], valid)
+        if kept is None:
+            items, probs = sorted_round(buffers, band.causal, qk, key_scale, v, buckets[:, :, r], orders[r],
+                                        valid), None
+        else:
+            items, probs = kept[r]
         weight = torch.exp(scores[r] - total).masked_fill(~any_other, 0.0).index_select(0, items.order)
         d_round = buffers.d_round
         _gather_rows(d_out, items.positions, d_round)
@@ -261,7 +277,7 @@ def heads_backward(qk, key_scale, v, buckets, valid, out, total, any_other, scor
         d_q, d_k, d_v_round = interval_backward(items.q, items.k_padded, items.v_padded, items.spans,
                                                 buffers.window, d_round,
                                                 weight * g_dot_o.index_select(0, items.order), dropout,
-                                                seed + r, grads=buffers.core_grads)
+                                                seed + r, grads=buffers.core_grads, probs=probs)
         d_k = unpad_keys(d_k, buffers.window)
         scale_grad += torch.linalg.vecdot(d_k, items.q).index_select(0, items.unsorted)
         # Back to position order through the d_round rows, free once the core is done with them.

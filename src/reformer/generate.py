@@ -82,8 +82,9 @@ class LSHCache:
     A step looks up the ring of its bucket in each round: O(rounds x window) work, whatever the context.
     One token's step is a few dozen small operations, each costing more in overhead than in arithmetic,
     so it is written lean: one projection giving each head's qk | v side by side, stored as they come
-    (keys normalised in place by one rms_norm), hashing as one product with [R, -R], one row gather for
-    keys and values of all rounds together, and the rounds combined by one softmax over all their keys:
+    (keys normalised by vector_norm and hypot, written into the cache), hashing as one product with
+    [R, -R], one row gather for keys and values of all rounds together, and the rounds combined by one
+    softmax over all their keys:
     with o_r = sum_j exp(l_rj - lse_r) v_rj and weights softmax(lse_r), sum_r w_r o_r is exactly the
     softmax over the union of the rounds' logits (a key found in two rounds counts twice in both).
     """

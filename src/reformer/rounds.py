@@ -221,7 +221,8 @@ def heads_forward(qk, key_scale, v, buckets, valid, band: Band, dropout: float, 
     for r in range(rounds):
         _, positions, _ = sort_by_bucket(buckets[:, :, r, None])
         orders.append(positions)
-        sorted_rows = RoundBuffers(band, n, qk.shape[-1], d, v, True, sorted_only=True) if keep else buffers
+        sorted_rows = RoundBuffers(band, n, qk.shape[-1], d, v, forward=True, sorted_only=True) if keep \
+            else buffers
         items = sorted_round(sorted_rows, band.causal, qk, key_scale, v, buckets[:, :, r], positions, valid)
         window = buffers.window
         probs = qk.new_empty(n // window.chunk_length, window.chunk_length, window.width) if keep else None

@@ -59,7 +59,7 @@ class _ProjectedLSH(torch.autograd.Function):
     # when backward projects again (autocast is off there); gradients go back in the inputs' dtypes.
 
     @staticmethod
-    def forward(ctx, h, w_qk, w_v, qk, buckets, valid, band, dropout, seed):
+    def forward(ctx, h, w_qk, w_v, qk, buckets, valid, band, dropout, seed, keep):
         heads = buckets.shape[1]
         v = _split(F.linear(h.to(qk.dtype), w_v.to(qk.dtype)), heads)
         scale, _ = key_scale(qk)
@@ -67,7 +67,6 @@ class _ProjectedLSH(torch.autograd.Function):
         total = qk.new_empty(scale.shape)
         any_other = torch.empty(total.shape, dtype=torch.bool, device=qk.device)
         saved, buffers = [], None   # per head group: each round's scores and sort order
-        keep = _keep_rounds(qk, buckets.shape[2], band) and any(ctx.needs_input_grad)
         ctx.kept = []               # per head group, with ``keep``: its rounds' sorted rows and probabilities
         for part in head_groups(qk):
             buffers = _group_buffers(buffers, band, part, v, forward=True)
@@ -113,7 +112,7 @@ class _ProjectedLSH(torch.autograd.Function):
                 d_h.addmm_(grad_rows, weight[rows])
                 torch.mm(grad_rows.t(), h_rows, out=d_weight[rows])
         return (d_h.view(h.shape).to(h_in.dtype), d_w_qk.to(w_qk_in.dtype), d_w_v.to(w_v_in.dtype),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def lsh_attention_projected(h: torch.Tensor, w_qk: torch.Tensor, w_v: torch.Tensor, qk: torch.Tensor,
@@ -130,5 +129,8 @@ def lsh_attention_projected(h: torch.Tensor, w_qk: torch.Tensor, w_v: torch.Tens
     if band.wrap or not band.same_bucket:
         raise ValueError("lsh_attention_projected needs a band with same_bucket=True and no wrap-around")
     dropout = dropout if training else 0.0
+    # Keep the rounds only where a backward will read them (grad mode is off inside forward).
+    differentiable = torch.is_grad_enabled() and (h.requires_grad or w_qk.requires_grad or w_v.requires_grad)
+    keep = differentiable and _keep_rounds(qk, buckets.shape[2], band)
     return _ProjectedLSH.apply(h, w_qk, w_v, qk.detach(), buckets, key_valid, band, dropout,
-                               dropout_seed() if dropout else 0)
+                               dropout_seed() if dropout else 0, keep)

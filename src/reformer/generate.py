@@ -176,8 +176,9 @@ class LSHCache:
         # Remember position t in the ring of its bucket, replacing the oldest member.
         self.ring.scatter_(-1, base + count % self.window, t)
         self.count.scatter_(-1, bucket, count + 1)
-        if not count.all():
-            # With no earlier member in any round the query's only key is itself (softmax gave NaN).
+        # With no earlier member in any round the query's only key is itself (softmax gave NaN). That is
+        # rare, so on the CPU, where reading the check costs no device sync, the where runs only if needed.
+        if count.device.type != "cpu" or not count.all():
             out = torch.where(count.amax(dim=(-2, -1), keepdim=True) > 0, out, kv[..., d:])
         return torch.mm(out.view(batch, heads * d), self.out_weight)
 

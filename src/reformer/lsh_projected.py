@@ -31,27 +31,22 @@ KEEP_ROUNDS_BYTES = 128 << 20   # forward keeps the rounds' sorted rows and prob
 
 def _keep_rounds(qk: torch.Tensor, rounds: int, band: Band) -> bool:
     """Whether forward keeps every round's sorted rows and probabilities for backward: a speed for
-    memory trade that pays at short lengths (at 4K tokens, 4 heads x 64, 4 rounds: 72 MiB kept, backward
-    15% faster), and that the round-by-round design exists to avoid at long ones."""
+    memory trade that pays at short lengths (at 4K tokens, 4 heads x 64, 4 rounds: 72 MiB kept, a layer
+    step 4-7% faster), and that the round-by-round design exists to avoid at long ones."""
     batch, heads, length, d = qk.shape
-    window = band.chunk_length * (band.before + 1 + band.after)
+    window = band.chunk_length * (band.before + 1 + band.after)   # at least the core's window
     per_row = 3 * d + window + 8          # sorted q, padded k and v, probabilities, spans and orders
     return rounds * batch * heads * length * per_row * qk.element_size() <= KEEP_ROUNDS_BYTES
 
 
 def _group_buffers(buffers: RoundBuffers | None, band: Band, part: slice, like: torch.Tensor,
-                   forward: bool) -> RoundBuffers:
+                   kind: str) -> RoundBuffers:
     """Round buffers for head group ``part`` of like (B, H, L, d): the last group's, unless its size
     differs (only the last group can be smaller)."""
     n = like.shape[0] * (part.stop - part.start) * like.shape[2]
     if buffers is None or buffers.n != n:
-        buffers = RoundBuffers(band, n, like.shape[-1], like.shape[-1], like, forward)
+        buffers = RoundBuffers(band, n, like.shape[-1], like.shape[-1], like, kind)
     return buffers
-
-
-def _split(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, L, heads * d) -> (B, heads, L, d), a view."""
-    return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
 
 
 class _ProjectedLSH(torch.autograd.Function):
@@ -61,7 +56,7 @@ class _ProjectedLSH(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w_qk, w_v, qk, buckets, valid, band, dropout, seed, keep):
         heads = buckets.shape[1]
-        v = _split(F.linear(h.to(qk.dtype), w_v.to(qk.dtype)), heads)
+        v = heads_rows(F.linear(h.to(qk.dtype), w_v.to(qk.dtype)), h.shape[0], heads)
         scale, _ = key_scale(qk)
         out = heads_last(v)
         total = qk.new_empty(scale.shape)
@@ -69,7 +64,7 @@ class _ProjectedLSH(torch.autograd.Function):
         saved, buffers = [], None   # per head group: each round's scores and sort order
         ctx.kept = []               # per head group, with ``keep``: its rounds' sorted rows and probabilities
         for part in head_groups(qk):
-            buffers = _group_buffers(buffers, band, part, v, forward=True)
+            buffers = _group_buffers(buffers, band, part, v, "forward")
             total[:, part], any_other[:, part], scores, orders, kept = heads_forward(
                 qk[:, part], scale[:, part], v[:, part], buckets[:, part], valid, band, dropout,
                 seed + part.start * buckets.shape[2], buffers, out[:, part], keep)
@@ -91,7 +86,7 @@ class _ProjectedLSH(torch.autograd.Function):
         d_out = d_out.to(out.dtype)
         buffers = None
         for i, part in enumerate(head_groups(out)):
-            buffers = _group_buffers(buffers, ctx.band, part, out, forward=False)
+            buffers = _group_buffers(buffers, ctx.band, part, out, "backward")
             rows, width = slice(part.start * d, part.stop * d), part.stop - part.start
             # (B L, width d) rows of the buffers: the group's projections and their gradients
             qk_rows, v_rows, d_qk_rows, d_v_rows = (x.view(-1, width * d) for x in
@@ -99,8 +94,8 @@ class _ProjectedLSH(torch.autograd.Function):
             qk = heads_rows(torch.mm(h_rows, w_qk[rows].t(), out=qk_rows), batch, width)
             v = heads_rows(torch.mm(h_rows, w_v[rows].t(), out=v_rows), batch, width)
             scale, mean_square = key_scale(qk)
-            d_qk, d_scale, d_v = heads_rows(d_qk_rows, batch, width), torch.empty_like(scale), heads_rows(
-                d_v_rows, batch, width)
+            d_qk, d_v = heads_rows(d_qk_rows, batch, width), heads_rows(d_v_rows, batch, width)
+            d_scale = torch.empty_like(scale)
             heads_backward(qk, scale, v, buckets[:, part], valid, out[:, part], total[:, part],
                             any_other[:, part], saved[2 * i], saved[2 * i + 1], d_out[:, part], ctx.band,
                             ctx.dropout, ctx.seed + part.start * buckets.shape[2], buffers, d_qk, d_scale, d_v,

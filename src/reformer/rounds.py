@@ -111,18 +111,19 @@ class RoundBuffers:
     round): fresh 16-64 MiB blocks cost page faults on every touch, more than the copies themselves.
     """
 
-    def __init__(self, band: Band, n: int, d_qk: int, d_v: int, like: torch.Tensor, forward: bool,
-                 sorted_only: bool = False):
+    KINDS = ("forward", "backward", "kept")   # "kept": one round's sorted rows only (heads_forward's keep)
+
+    def __init__(self, band: Band, n: int, d_qk: int, d_v: int, like: torch.Tensor, kind: str):
+        if kind not in self.KINDS:
+            raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
         window = self.window = _window(band)
         c = window.chunk_length
         padded = window.before * c + n + window.after * c
         self.n = n
         shapes = [(n, d_qk), (padded, d_qk), (padded, d_v)]              # q, k_padded, v_padded
-        if sorted_only:   # one round's sorted rows, kept for backward (heads_forward's keep)
-            pass
-        elif forward:
+        if kind == "forward":
             shapes += [(n, d_v)] * 3                                       # out, rows, acc
-        else:
+        elif kind == "backward":
             shapes += [(n, d_qk), (padded, d_qk), (padded, d_v), (n, d_v)]   # core grads, d_round
             shapes += [(n, d_qk), (n, d_v)] * 2                            # qk, v, d_qk, d_v
         parts = carve(like, *shapes)
@@ -130,18 +131,17 @@ class RoundBuffers:
         for padded_rows in (self.k_padded, self.v_padded):   # the padding rows stay zero
             padded_rows[:window.before * c].zero_()
             padded_rows[padded - window.after * c:].zero_()
-        if sorted_only:
-            pass
-        elif forward:
+        if kind == "forward":
             self.out, self.rows, self.acc = parts[3:]
-        else:
+        elif kind == "backward":
             self.core_grads, self.d_round = tuple(parts[3:6]), parts[6]
             self.qk, self.v, self.d_qk, self.d_v = parts[7:]
 
 
 def heads_rows(rows: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
-    """(batch * length, heads * d) rows -> (batch, heads, length, d) view (split_heads' layout)."""
-    return rows.view(batch, rows.shape[0] // batch, heads, -1).transpose(1, 2)
+    """(batch * length, heads * d) rows, or (batch, length, heads * d) -> (batch, heads, length, d) view
+    (split_heads' layout)."""
+    return rows.view(batch, -1, heads, rows.shape[-1] // heads).transpose(1, 2)
 
 
 @dataclass
@@ -221,14 +221,12 @@ def heads_forward(qk, key_scale, v, buckets, valid, band: Band, dropout: float, 
     for r in range(rounds):
         _, positions, _ = sort_by_bucket(buckets[:, :, r, None])
         orders.append(positions)
-        sorted_rows = RoundBuffers(band, n, qk.shape[-1], d, v, forward=True, sorted_only=True) if keep \
-            else buffers
+        sorted_rows = RoundBuffers(band, n, qk.shape[-1], d, v, "kept") if keep else buffers
         items = sorted_round(sorted_rows, band.causal, qk, key_scale, v, buckets[:, :, r], positions, valid)
         window = buffers.window
         probs = qk.new_empty(n // window.chunk_length, window.chunk_length, window.width) if keep else None
         core_out, lse, has_other = interval_forward(items.q, items.k_padded, items.v_padded, items.spans,
-                                                    buffers.window, dropout, seed + r, out=buffers.out,
-                                                    probs_out=probs)
+                                                    window, dropout, seed + r, out=buffers.out, probs_out=probs)
         if keep:
             kept.append((items, probs))
         # back to (batch, head, position) order

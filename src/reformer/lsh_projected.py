@@ -88,13 +88,14 @@ class _ProjectedLSH(torch.autograd.Function):
         for i, part in enumerate(head_groups(out)):
             buffers = _group_buffers(buffers, ctx.band, part, out, "backward")
             rows, width = slice(part.start * d, part.stop * d), part.stop - part.start
-            # (B L, width d) rows of the buffers: the group's projections and their gradients
-            qk_rows, v_rows, d_qk_rows, d_v_rows = (x.view(-1, width * d) for x in
-                                                    (buffers.qk, buffers.v, buffers.d_qk, buffers.d_v))
-            qk = heads_rows(torch.mm(h_rows, w_qk[rows].t(), out=qk_rows), batch, width)
-            v = heads_rows(torch.mm(h_rows, w_v[rows].t(), out=v_rows), batch, width)
+            # The group's qk and v side by side in (B L, 2 width d) rows of the buffers, and their gradients
+            # alike: one product of twice the width costs ~3/4 of two (measured at 64K tokens).
+            w_rows = torch.cat([w_qk[rows], w_v[rows]])
+            qkv_rows, d_qkv_rows = (x.view(-1, 2 * width * d) for x in (buffers.qkv, buffers.d_qkv))
+            qk_rows, v_rows = torch.mm(h_rows, w_rows.t(), out=qkv_rows).split(width * d, dim=1)
+            qk, v = heads_rows(qk_rows, batch, width), heads_rows(v_rows, batch, width)
             scale, mean_square = key_scale(qk)
-            d_qk, d_v = heads_rows(d_qk_rows, batch, width), heads_rows(d_v_rows, batch, width)
+            d_qk, d_v = (heads_rows(x, batch, width) for x in d_qkv_rows.split(width * d, dim=1))
             d_scale = torch.empty_like(scale)
             heads_backward(qk, scale, v, buckets[:, part], valid, out[:, part], total[:, part],
                             any_other[:, part], saved[2 * i], saved[2 * i + 1], d_out[:, part], ctx.band,
@@ -103,9 +104,9 @@ class _ProjectedLSH(torch.autograd.Function):
             ctx.kept[i] = None   # free this group's kept rounds now
             # The keys' scale depends on qk too: ds/dqk = -s qk / (d m).
             d_qk.addcmul_((d_scale * scale / (-d * mean_square))[..., None], qk)
-            for grad_rows, weight, d_weight in ((d_qk_rows, w_qk, d_w_qk), (d_v_rows, w_v, d_w_v)):
-                d_h.addmm_(grad_rows, weight[rows])
-                torch.mm(grad_rows.t(), h_rows, out=d_weight[rows])
+            d_h.addmm_(d_qkv_rows, w_rows)
+            d_w_rows = torch.mm(d_qkv_rows.t(), h_rows)
+            d_w_qk[rows], d_w_v[rows] = d_w_rows.split(width * d)
         return (d_h.view(h.shape).to(h_in.dtype), d_w_qk.to(w_qk_in.dtype), d_w_v.to(w_v_in.dtype),
                 None, None, None, None, None, None, None)
 

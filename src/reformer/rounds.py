@@ -106,7 +106,7 @@ class RoundBuffers:
     All calls: sorted queries, padded keys and values (for the interval core). Forward: the core's
     output, the same in position order, and the accumulator of the rounds. Backward: the core's
     gradients (dq, padded dk and dv), a round's scaled d_out, and for the caller the group's projected
-    qk and v and their gradients (rows of (batch, length, heads, d) memory, ``heads_rows``).
+    qk and v side by side and their gradients (rows of (batch, length, 2 heads d) memory).
     ``n`` rows: batch x heads x length of one group. Allocated once per call (not per group or per
     round): fresh 16-64 MiB blocks cost page faults on every touch, more than the copies themselves.
     """
@@ -125,7 +125,7 @@ class RoundBuffers:
             shapes += [(n, d_v)] * 3                                       # out, rows, acc
         elif kind == "backward":
             shapes += [(n, d_qk), (padded, d_qk), (padded, d_v), (n, d_v)]   # core grads, d_round
-            shapes += [(n, d_qk), (n, d_v)] * 2                            # qk, v, d_qk, d_v
+            shapes += [(n, d_qk + d_v)] * 2                                # qk|v, d_qk|d_v
         parts = carve(like, *shapes)
         self.q, self.k_padded, self.v_padded = parts[:3]
         for padded_rows in (self.k_padded, self.v_padded):   # the padding rows stay zero
@@ -135,7 +135,7 @@ class RoundBuffers:
             self.out, self.rows, self.acc = parts[3:]
         elif kind == "backward":
             self.core_grads, self.d_round = tuple(parts[3:6]), parts[6]
-            self.qk, self.v, self.d_qk, self.d_v = parts[7:]
+            self.qkv, self.d_qkv = parts[7:]
 
 
 def heads_rows(rows: torch.Tensor, batch: int, heads: int) -> torch.Tensor:

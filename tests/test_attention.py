@@ -173,7 +173,7 @@ def _projected(h, w_qk, w_v, buckets, band, valid, **kwargs):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("one_head_at_a_time", [False, True])
 @pytest.mark.parametrize("keep_rounds", [True, False])
-def test_round_by_round_equals_all_rounds_at_once(causal, one_head_at_a_time, keep_rounds, monkeypatch):
+def test_round_by_round_equals_all_rounds_at_once(causal, one_head_at_a_time, keep_rounds, monkeypatch, core):
     """The layer's path (projections inside, rounds one at a time on the interval core) against the
     masked core on all rounds sorted together, with autograd through plain projections; backward
     reading the rounds forward kept (short lengths) or recomputing them (long ones)."""
@@ -205,7 +205,7 @@ def test_round_by_round_equals_all_rounds_at_once(causal, one_head_at_a_time, ke
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("keep_rounds", [True, False])
-def test_round_by_round_gradients_are_exact(dropout, keep_rounds, monkeypatch):
+def test_round_by_round_gradients_are_exact(dropout, keep_rounds, monkeypatch, core):
     from reformer import lsh_projected
 
     monkeypatch.setattr(lsh_projected, "KEEP_ROUNDS_BYTES", 1 << 30 if keep_rounds else 0)

@@ -26,7 +26,7 @@ def _local(q, k, v, window: Window, causal: bool, valid):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("before,after,chunk", [(1, 0, 4), (1, 1, 4), (2, 0, 4), (1, 1, 128)])
 @pytest.mark.parametrize("padded", [False, True])
-def test_local_spans_equal_the_masked_core(causal, before, after, chunk, padded):
+def test_local_spans_equal_the_masked_core(causal, before, after, chunk, padded, core):
     """Chunk 128 with a window of 384 keys takes the comparison path instead of the interval table."""
     length = 32 if chunk == 4 else 256
     q, k, v = _inputs(0, length=length)
@@ -48,7 +48,7 @@ def test_local_spans_equal_the_masked_core(causal, before, after, chunk, padded)
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_bucket_spans_equal_the_masked_core(causal):
+def test_bucket_spans_equal_the_masked_core(causal, core):
     """One round of LSH's bucket window over a sorted sequence, padding in a bucket of its own."""
     q, k, v = _inputs(2)
     g = torch.Generator().manual_seed(3)
@@ -73,7 +73,7 @@ def test_bucket_spans_equal_the_masked_core(causal):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_interval_core_gradients_are_exact(dropout):
+def test_interval_core_gradients_are_exact(dropout, core):
     """The hand-written backward against finite differences, with padding keys and dropout."""
     q, k, v = (t.detach()[:1, :2, :16, :3].requires_grad_() for t in _inputs(4))
     valid = torch.rand(1, 16, generator=torch.Generator().manual_seed(5)) > 0.3

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .banded import Band, dropout_seed
+from .intervals import native_core
 from .rounds import RoundBuffers, head_groups, heads_backward, heads_forward, heads_last, heads_rows
 
 
@@ -65,10 +66,10 @@ class _ProjectedLSH(torch.autograd.Function):
         ctx.kept = []               # per head group, with ``keep``: its rounds' sorted rows and probabilities
         for part in head_groups(qk):
             buffers = _group_buffers(buffers, band, part, v, "forward")
-            total[:, part], any_other[:, part], scores, orders, kept = heads_forward(
+            total[:, part], any_other[:, part], scores, orders, lses, kept = heads_forward(
                 qk[:, part], scale[:, part], v[:, part], buckets[:, part], valid, band, dropout,
                 seed + part.start * buckets.shape[2], buffers, out[:, part], keep)
-            saved += [scores, orders]
+            saved += [scores, orders, lses]
             ctx.kept.append(kept)
         del buffers
         ctx.save_for_backward(h, w_qk, w_v, buckets, valid, out, total, any_other, *saved)
@@ -98,7 +99,7 @@ class _ProjectedLSH(torch.autograd.Function):
             d_qk, d_v = (heads_rows(x, batch, width) for x in d_qkv_rows.split(width * d, dim=1))
             d_scale = torch.empty_like(scale)
             heads_backward(qk, scale, v, buckets[:, part], valid, out[:, part], total[:, part],
-                            any_other[:, part], saved[2 * i], saved[2 * i + 1], d_out[:, part], ctx.band,
+                            any_other[:, part], *saved[3 * i:3 * i + 3], d_out[:, part], ctx.band,
                             ctx.dropout, ctx.seed + part.start * buckets.shape[2], buffers, d_qk, d_scale, d_v,
                             ctx.kept[i])
             ctx.kept[i] = None   # free this group's kept rounds now
@@ -127,6 +128,8 @@ def lsh_attention_projected(h: torch.Tensor, w_qk: torch.Tensor, w_v: torch.Tens
     dropout = dropout if training else 0.0
     # Keep the rounds only where a backward will read them (grad mode is off inside forward).
     differentiable = torch.is_grad_enabled() and (h.requires_grad or w_qk.requires_grad or w_v.requires_grad)
-    keep = differentiable and _keep_rounds(qk, buckets.shape[2], band)
+    # The compiled core recomputes a round's scores from its spans alone: keeping probabilities (an eager
+    # core trade) is not worth their memory there.
+    keep = differentiable and _keep_rounds(qk, buckets.shape[2], band) and not native_core(qk, dropout)
     return _ProjectedLSH.apply(h, w_qk, w_v, qk.detach(), buckets, key_valid, band, dropout,
                                dropout_seed() if dropout else 0, keep)

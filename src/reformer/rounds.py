@@ -210,13 +210,14 @@ def heads_forward(qk, key_scale, v, buckets, valid, band: Band, dropout: float, 
 
     Returns the total normaliser and any_other (B, H, L), each round's score (its normaliser, -inf
     where the query saw only itself) (rounds, B * H * L), each round's sort order (rounds, B, H, L),
-    and with ``keep`` each round's sorted rows and probabilities (else None), all for backward.
+    each round's logsumexp in sorted order (rounds, B * H * L), and with ``keep`` each round's sorted
+    rows and probabilities (else None), all for backward.
     """
     rounds, n, d = buckets.shape[2], v.shape[0] * v.shape[1] * v.shape[2], v.shape[-1]
     acc = buffers.acc.zero_()
     best = qk.new_full((n,), float("-inf"))
     norm = qk.new_zeros(n)
-    scores = qk.new_empty(rounds, n)
+    scores, lses = qk.new_empty(rounds, n), qk.new_empty(rounds, n)
     orders, kept = [], [] if keep else None
     for r in range(rounds):
         _, positions, _ = sort_by_bucket(buckets[:, :, r, None])
@@ -227,6 +228,7 @@ def heads_forward(qk, key_scale, v, buckets, valid, band: Band, dropout: float, 
         probs = qk.new_empty(n // window.chunk_length, window.chunk_length, window.width) if keep else None
         core_out, lse, has_other = interval_forward(items.q, items.k_padded, items.v_padded, items.spans,
                                                     window, dropout, seed + r, out=buffers.out, probs_out=probs)
+        lses[r] = lse
         if keep:
             kept.append((items, probs))
         # back to (batch, head, position) order
@@ -242,10 +244,10 @@ def heads_forward(qk, key_scale, v, buckets, valid, band: Band, dropout: float, 
     # A query that saw only itself in every round returns its own value, exactly.
     torch.where(any_other, acc.div_(norm.clamp_min(1e-30)[:, None]).view(v.shape), v, out=out)
     total = best + torch.log(norm)
-    return total.view(v.shape[:3]), any_other.view(v.shape[:3]), scores, torch.stack(orders), kept
+    return total.view(v.shape[:3]), any_other.view(v.shape[:3]), scores, torch.stack(orders), lses, kept
 
 
-def heads_backward(qk, key_scale, v, buckets, valid, out, total, any_other, scores, orders, d_out,
+def heads_backward(qk, key_scale, v, buckets, valid, out, total, any_other, scores, orders, lses, d_out,
                     band: Band, dropout: float, seed: int, buffers: RoundBuffers, d_qk: torch.Tensor,
                     d_scale: torch.Tensor, d_v: torch.Tensor, kept: list | None = None):
     """Gradients of ``heads_forward``, recomputing each round's scores (or reading what forward
@@ -276,7 +278,7 @@ def heads_backward(qk, key_scale, v, buckets, valid, out, total, any_other, scor
         d_q, d_k, d_v_round = interval_backward(items.q, items.k_padded, items.v_padded, items.spans,
                                                 buffers.window, d_round,
                                                 weight * g_dot_o.index_select(0, items.order), dropout,
-                                                seed + r, grads=buffers.core_grads, probs=probs)
+                                                seed + r, grads=buffers.core_grads, probs=probs, lse=lses[r])
         d_k = unpad_keys(d_k, buffers.window)
         scale_grad += torch.linalg.vecdot(d_k, items.q).index_select(0, items.unsorted)
         # Back to position order through the d_round rows, free once the core is done with them.

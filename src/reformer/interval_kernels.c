@@ -288,6 +288,8 @@ static inline double exp_float64(double x) { return exp(x); }
         _Pragma("omp simd reduction(+:total)") for (int64_t col = lo; col < hi; col++) total += s[col];   \
         return total;                                                                                     \
     }                                                                                                     \
+                                                                                                          \
+    /* Chunks [begin, end): out[i] = softmax over the span of q_i . k, times v, and lse_out[i]. */        \
     static void forward_range_##NAME(const void *p, int part, int64_t begin, int64_t end) {               \
         const Args_##NAME *a = (const Args_##NAME *)p;                                                    \
         int64_t c = a->c, d = a->d, dv = a->dv, sw = a->width + 4 * LANES;                                \
@@ -322,7 +324,7 @@ static inline double exp_float64(double x) { return exp(x); }
     /* Chunks [begin, end): dq_i = sum_j ds_ij k_j; dk_j = sum_i ds_ij q_i and dv_j = sum_i p_ij g_i are  \
        gathered per chunk in a window tile, then added to the padded rows. Rows from end * c on belong to \
        the next part (its first chunks write them): this part's share goes to its tail buffer, which      \
-       interval_backward adds once all parts are done. */                                                 \
+       interval_backward adds once every row it reaches is written. */                                    \
     static void backward_range_##NAME(const void *p, int part, int64_t begin, int64_t end) {              \
         const Args_##NAME *a = (const Args_##NAME *)p;                                                    \
         int64_t c = a->c, d = a->d, dv = a->dv, width = a->width, sw = width + 4 * LANES;                 \

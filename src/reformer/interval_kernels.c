@@ -123,7 +123,7 @@ static inline double exp_float64(double x) { return exp(x); }
     static inline void store_##NAME(T *p, V_##NAME v) { memcpy(p, &v, sizeof v); }                        \
                                                                                                           \
     typedef struct {                                                                                      \
-        int64_t n, d, dv, c, width, rows;                                                                 \
+        int64_t d, dv, c, width;                                                                          \
         const T *q, *kp, *vp, *g, *lse, *row, *kt, *vt;   /* kt, vt: panels from panel0 on */             \
         int64_t panel0;                                                                                   \
         const int64_t *lo, *hi, *skip;                                                                    \
@@ -382,7 +382,7 @@ static inline double exp_float64(double x) { return exp(x); }
                                  const int64_t *hi, const int64_t *skip, T *out, T *lse_out, int threads) { \
         int64_t rows = n + width - c, chunks = n / c, per = BLOCK_ROWS / c > width / c ? BLOCK_ROWS / c : width / c; \
         T *kt = (T *)malloc(sizeof(T) * (size_t)(block_panels_##NAME(per, c, width) * d * LANES));        \
-        Args_##NAME a = {n, d, dv, c, width, rows, q, kp, vp, NULL, NULL, NULL, kt, NULL, 0,              \
+        Args_##NAME a = {d, dv, c, width, q, kp, vp, NULL, NULL, NULL, kt, NULL, 0,                       \
                          lo, hi, skip, out, lse_out, NULL, NULL, NULL, NULL};                             \
         for (int64_t g0 = 0; g0 < chunks; g0 += per) {                                                    \
             int64_t g1 = g0 + per < chunks ? g0 + per : chunks;                                           \
@@ -417,7 +417,7 @@ static inline double exp_float64(double x) { return exp(x); }
         T *kt = (T *)malloc(sizeof(T) * (size_t)(panels * d * LANES));                                    \
         T *vt = (T *)malloc(sizeof(T) * (size_t)(panels * dv * LANES));                                   \
         T *tails[2] = {(T *)malloc(sizeof(T) * (size_t)tail_size), (T *)malloc(sizeof(T) * (size_t)tail_size)}; \
-        Args_##NAME a = {n, d, dv, c, width, rows, q, kp, vp, g, lse, row, kt, vt, 0,                     \
+        Args_##NAME a = {d, dv, c, width, q, kp, vp, g, lse, row, kt, vt, 0,                              \
                          lo, hi, skip, NULL, NULL, dq, dkp, dvp, NULL};                                   \
         memset(dkp + n * d, 0, sizeof(T) * (size_t)(tail_rows * d));   /* the rows after the last chunk */ \
         memset(dvp + n * dv, 0, sizeof(T) * (size_t)(tail_rows * dv));                                    \

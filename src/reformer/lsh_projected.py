@@ -62,7 +62,7 @@ class _ProjectedLSH(torch.autograd.Function):
         out = heads_last(v)
         total = qk.new_empty(scale.shape)
         any_other = torch.empty(total.shape, dtype=torch.bool, device=qk.device)
-        saved, buffers = [], None   # per head group: each round's scores and sort order
+        saved, buffers = [], None   # per head group: each round's scores, sort order and logsumexp
         ctx.kept = []               # per head group, with ``keep``: its rounds' sorted rows and probabilities
         for part in head_groups(qk):
             buffers = _group_buffers(buffers, band, part, v, "forward")

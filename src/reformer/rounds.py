@@ -214,6 +214,7 @@ def heads_forward(qk, key_scale, v, buckets, valid, band: Band, dropout: float, 
     rows and probabilities (else None), all for backward.
     """
     rounds, n, d = buckets.shape[2], v.shape[0] * v.shape[1] * v.shape[2], v.shape[-1]
+    window = buffers.window
     acc = buffers.acc.zero_()
     best = qk.new_full((n,), float("-inf"))
     norm = qk.new_zeros(n)
@@ -224,7 +225,6 @@ def heads_forward(qk, key_scale, v, buckets, valid, band: Band, dropout: float, 
         orders.append(positions)
         sorted_rows = RoundBuffers(band, n, qk.shape[-1], d, v, "kept") if keep else buffers
         items = sorted_round(sorted_rows, band.causal, qk, key_scale, v, buckets[:, :, r], positions, valid)
-        window = buffers.window
         probs = qk.new_empty(n // window.chunk_length, window.chunk_length, window.width) if keep else None
         core_out, lse, has_other = interval_forward(items.q, items.k_padded, items.v_padded, items.spans,
                                                     window, dropout, seed + r, out=buffers.out, probs_out=probs)
@@ -259,7 +259,6 @@ def heads_backward(qk, key_scale, v, buckets, valid, out, total, any_other, scor
     its weight and the final output: d_out scaled by w_r, and row = w_r (g . o). Keys are qk * scale:
     their gradient goes to qk (times the scale) and to the scale (dotted with qk).
     """
-    n, d = scores.shape[1], v.shape[-1]
     g_dot_o = torch.linalg.vecdot(d_out, out).flatten()
     any_other, total = any_other.flatten(), total.flatten()
     d_qk.zero_()

@@ -75,16 +75,11 @@ def test_compiled_core_equals_the_eager_core(kind, dtype, tolerance, compiled, m
 
 def test_compiled_core_is_deterministic_and_thread_count_only_reorders_sums(compiled):
     window, spans, q, k, v, d_out, row = _case("bucket", torch.float64, seed=1)
-    n = q.shape[0]
 
     def run(threads):
         torch.set_num_threads(threads)
-        out, lse = torch.empty(n, v.shape[1], dtype=q.dtype), torch.empty(n, dtype=q.dtype)
-        native.forward(q, k, v, spans.lo, spans.hi, spans.skip, window.chunk_length, window.width, out, lse)
-        grads = [torch.empty_like(t) for t in (q, k, v)]
-        native.backward(q, k, v, spans.lo, spans.hi, spans.skip, window.chunk_length, window.width, d_out, lse,
-                        row, *grads)
-        return out, lse, *grads
+        out, lse, _ = intervals.interval_forward(q, k, v, spans, window)
+        return out, lse, *intervals.interval_backward(q, k, v, spans, window, d_out, row, lse=lse)
 
     threads = torch.get_num_threads()
     try:
@@ -94,6 +89,82 @@ def test_compiled_core_is_deterministic_and_thread_count_only_reorders_sums(comp
     for a, b, c in zip(first, again, one):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, c, atol=1e-13, rtol=0)
+
+
+def _lsh_layer_case(dtype, length=8192, heads=2, rounds=3, d=64, d_model=32):
+    """A layer's input and weights, buckets of 64-item chunks (two padded sequences: the last 100
+    positions of the second are padding, in buckets of their own) and the gradient to send back."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, length, d_model, generator=g, dtype=dtype, requires_grad=True)
+    w_qk, w_v = (torch.randn(heads * d, d_model, generator=g, dtype=dtype, requires_grad=True) for _ in range(2))
+    n_buckets = length // 64
+    buckets = torch.randint(0, n_buckets, (2, heads, rounds, length), generator=g)
+    buckets[1, :, :, length - 100:] = rounds * n_buckets
+    buckets = buckets + n_buckets * torch.arange(rounds)[:, None] * (buckets < rounds * n_buckets)
+    buckets[1, :, :, length - 100:] += torch.arange(rounds)[:, None]
+    valid = torch.ones(2, length, dtype=torch.bool)
+    valid[1, length - 100:] = False
+    d_out = torch.randn(2, heads, length, d, generator=g, dtype=dtype)
+    return h, w_qk, w_v, buckets, valid, d_out
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-11), (torch.float32, 1e-5)])
+def test_fused_rounds_equal_the_eager_rounds(causal, dtype, tolerance, compiled, monkeypatch):
+    """The LSH layer's rounds on the compiled core, which gathers the rows of each round itself (several
+    blocks, head groups of one) and combines the rounds in position order, against the eager rounds:
+    output and the gradients of the input and both weights."""
+    from reformer import lsh_projected, rounds
+    from reformer.attention import split_heads
+    from reformer.banded import Band
+
+    monkeypatch.setattr(rounds, "HEAD_GROUP_ELEMENTS", 1)
+    monkeypatch.setattr(lsh_projected, "KEEP_ROUNDS_BYTES", 0)
+    h, w_qk, w_v, buckets, valid, d_out = _lsh_layer_case(dtype)
+    band = Band(64, 1, 0 if causal else 1, causal=causal, same_bucket=True, mask_self=True)
+    fused_calls = []
+    for name in ("_fused_forward", "_fused_backward"):
+        original = getattr(rounds, name)
+        monkeypatch.setattr(rounds, name, lambda *a, f=original, name=name: fused_calls.append(name) or f(*a))
+
+    def run(use_native):
+        monkeypatch.setattr(lsh_projected, "native_core", lambda *args, **kwargs: use_native)
+        qk = split_heads(h @ w_qk.T, buckets.shape[1])
+        out = lsh_projected.lsh_attention_projected(h, w_qk, w_v, qk, buckets, band, valid)
+        return out, *torch.autograd.grad((out * d_out).sum(), (h, w_qk, w_v))
+
+    fused, eager = run(True), run(False)
+    assert fused_calls == ["_fused_forward"] * 2 + ["_fused_backward"] * 2   # one per head
+    for name, have, want in zip(("out", "d_h", "d_w_qk", "d_w_v"), fused, eager):
+        torch.testing.assert_close(have, want, rtol=tolerance, atol=tolerance * want.abs().max().item(), msg=name)
+
+
+def test_huge_page_buffers_are_plain_tensors():
+    """memory.empty: the shape, dtype and device asked for, writable, starting on a huge page when large,
+    and freed with the tensor (no leak of mappings)."""
+    from reformer import memory
+
+    like = torch.zeros(1, dtype=torch.float64)
+    small = memory.empty((3, 5), like)
+    assert small.shape == (3, 5) and small.dtype == torch.float64
+    big = memory.empty((1024, 1024), like)
+    assert big.shape == (1024, 1024) and big.dtype == torch.float64 and big.is_contiguous()
+    if memory._huge_pages_offered():
+        assert big.data_ptr() % memory.HUGE_PAGE == 0
+    big.fill_(2.0)
+    assert big.sum().item() == 2.0 * 1024 * 1024
+    out = memory.linear(torch.ones(2, 3, 4), torch.ones(5, 4))
+    assert torch.equal(out, torch.full((2, 3, 5), 4.0))
+
+
+def test_item_rows_refuse_to_write_into_a_copy():
+    from reformer.rounds import item_rows
+
+    x = torch.zeros(1, 2, 8, 6)[..., ::2]   # rows that are not whole in memory
+    positions = torch.arange(8).expand(1, 2, 8)
+    assert item_rows(x, positions).index.shape == (16,)
+    with pytest.raises(ValueError, match="rows to write"):
+        item_rows(x, positions, written=True)
 
 
 def test_native_can_be_switched_off(monkeypatch):

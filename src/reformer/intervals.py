@@ -211,7 +211,7 @@ def interval_forward(q: torch.Tensor, k_padded: torch.Tensor, v_padded: torch.Te
     out = q.new_empty(n, v_padded.shape[-1]) if out is None else out
     if probs_out is None and native_core(q, dropout, spans) and _contiguous(q, k_padded, v_padded, out):
         lse = q.new_empty(n)
-        native.forward(q, k_padded, v_padded, spans.lo, spans.hi, spans.skip, c, window.width, out, lse)
+        native.forward(q, k_padded, v_padded, spans, c, window.width, window.before * c, lse, out=out)
         return out, lse, spans.has_other
     lse = q.new_empty(n // c, c)
     has_other = torch.empty(n // c, c, dtype=torch.bool, device=q.device)
@@ -246,8 +246,8 @@ def interval_backward(q: torch.Tensor, k_padded: torch.Tensor, v_padded: torch.T
     d_q, d_k, d_v = grads
     if (lse is not None and probs is None and native_core(q, dropout, spans)
             and _contiguous(q, k_padded, v_padded, d_out, lse, row, *grads)):
-        native.backward(q, k_padded, v_padded, spans.lo, spans.hi, spans.skip, c, window.width, d_out, lse,
-                        row, d_q, d_k, d_v)
+        native.backward(q, k_padded, v_padded, d_out, spans, c, window.width, window.before * c, lse, row, d_q,
+                        d_k, d_v)
         return d_q, d_k, d_v
     d_k.zero_()
     d_v.zero_()

@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
+from . import memory
 from .banded import Band, dropout_seed
 from .intervals import native_core
 from .rounds import RoundBuffers, head_groups, heads_backward, heads_forward, heads_last, heads_rows
@@ -41,12 +41,12 @@ def _keep_rounds(qk: torch.Tensor, rounds: int, band: Band) -> bool:
 
 
 def _group_buffers(buffers: RoundBuffers | None, band: Band, part: slice, like: torch.Tensor,
-                   kind: str) -> RoundBuffers:
+                   kind: str, fused: bool) -> RoundBuffers:
     """Round buffers for head group ``part`` of like (B, H, L, d): the last group's, unless its size
     differs (only the last group can be smaller)."""
     n = like.shape[0] * (part.stop - part.start) * like.shape[2]
     if buffers is None or buffers.n != n:
-        buffers = RoundBuffers(band, n, like.shape[-1], like.shape[-1], like, kind)
+        buffers = RoundBuffers(band, n, like.shape[-1], like.shape[-1], like, kind, fused)
     return buffers
 
 
@@ -57,15 +57,18 @@ class _ProjectedLSH(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w_qk, w_v, qk, buckets, valid, band, dropout, seed, keep):
         heads = buckets.shape[1]
-        v = heads_rows(F.linear(h.to(qk.dtype), w_v.to(qk.dtype)), h.shape[0], heads)
+        v = heads_rows(memory.linear(h.to(qk.dtype), w_v.to(qk.dtype)), h.shape[0], heads)
         scale, _ = key_scale(qk)
         out = heads_last(v)
         total = qk.new_empty(scale.shape)
         any_other = torch.empty(total.shape, dtype=torch.bool, device=qk.device)
         saved, buffers = [], None   # per head group: each round's scores, sort order and logsumexp
         ctx.kept = []               # per head group, with ``keep``: its rounds' sorted rows and probabilities
+        # The compiled core gathers and combines the rounds itself (no sorted copies); keeping rounds is
+        # the eager core's trade.
+        fused = native_core(qk, dropout) and not keep
         for part in head_groups(qk):
-            buffers = _group_buffers(buffers, band, part, v, "forward")
+            buffers = _group_buffers(buffers, band, part, v, "forward", fused)
             total[:, part], any_other[:, part], scores, orders, lses, kept = heads_forward(
                 qk[:, part], scale[:, part], v[:, part], buckets[:, part], valid, band, dropout,
                 seed + part.start * buckets.shape[2], buffers, out[:, part], keep)
@@ -86,8 +89,9 @@ class _ProjectedLSH(torch.autograd.Function):
         d_w_qk, d_w_v = torch.empty_like(w_qk), torch.empty_like(w_v)
         d_out = d_out.to(out.dtype)
         buffers = None
+        fused = native_core(out, ctx.dropout) and not any(ctx.kept)
         for i, part in enumerate(head_groups(out)):
-            buffers = _group_buffers(buffers, ctx.band, part, out, "backward")
+            buffers = _group_buffers(buffers, ctx.band, part, out, "backward", fused)
             rows, width = slice(part.start * d, part.stop * d), part.stop - part.start
             # The group's qk and v side by side in (B L, 2 width d) rows of the buffers, and their gradients
             # alike: one product of twice the width costs ~3/4 of two (measured at 64K tokens).

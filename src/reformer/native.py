@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sysconfig
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -72,12 +73,12 @@ def _build(compiler: str) -> Path:
 def _declare(lib: ctypes.CDLL) -> None:
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     for name in DTYPES.values():
-        forward = getattr(lib, f"interval_forward_{name}")
-        forward.argtypes = [i64] * 5 + [ptr] * 8 + [i32]
-        forward.restype = None
-        backward = getattr(lib, f"interval_backward_{name}")
-        backward.argtypes = [i64] * 6 + [ptr] * 12 + [i32]
-        backward.restype = None
+        for kernel, args in (("interval_forward", [i64] * 6 + [ptr] * 17 + [i32]),
+                             ("interval_backward", [i64] * 6 + [ptr] * 17 + [i32]),
+                             ("scatter_gradients", [i64] * 4 + [ptr] * 12 + [i32])):
+            function = getattr(lib, f"{kernel}_{name}")
+            function.argtypes = args
+            function.restype = None
 
 
 @functools.lru_cache(maxsize=1)
@@ -107,27 +108,64 @@ def supports(*tensors: torch.Tensor) -> bool:
             and library() is not None)
 
 
-def _address(t: torch.Tensor) -> int:
+@dataclass
+class Rows:
+    """Rows the kernels read by item: item i's row (``size`` wide) of ``base`` starts ``index[i]``
+    elements past base's first element. The kernels gather them a block at a time into buffers that stay
+    in cache, instead of sorted copies in memory."""
+
+    base: torch.Tensor    # contiguous
+    index: torch.Tensor   # (n,) int64
+    size: int
+
+
+def _address(t: torch.Tensor | None) -> int | None:
+    if t is None:
+        return None
     if not t.is_contiguous():
         raise ValueError("the compiled interval core needs contiguous tensors")
     return t.data_ptr()
 
 
-def forward(q, k_padded, v_padded, lo, hi, skip, chunk: int, width: int, out, lse) -> None:
-    """out (n, d_v) and lse (n,) of queries q (n, d) over their spans (intervals.interval_forward)."""
-    n, d = q.shape
-    getattr(library(), f"interval_forward_{DTYPES[q.dtype]}")(
-        n, d, v_padded.shape[-1], chunk, width,
-        *(_address(t) for t in (q, k_padded, v_padded, lo, hi, skip, out, lse)), torch.get_num_threads())
+def _call(kernel: str, like: torch.Tensor, sizes, tensors) -> None:
+    getattr(library(), f"{kernel}_{DTYPES[like.dtype]}")(*sizes, *(_address(t) for t in tensors),
+                                                        torch.get_num_threads())
 
 
-def backward(q, k_padded, v_padded, lo, hi, skip, chunk: int, width: int, d_out, lse, row,
-             d_q, d_k, d_v) -> None:
-    """d_q (n, d), d_k and d_v (padded rows, d) of the span attention given d_out, the forward's lse
-    and row = sum(d_out * out) - d_lse (intervals.interval_backward); every row of the gradients is
+def _rows(x: torch.Tensor | Rows) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    return (x.base, x.index, x.size) if isinstance(x, Rows) else (x, None, x.shape[-1])
+
+
+def forward(q, k, v, spans, chunk: int, width: int, pad: int, lse, out=None, k_scale=None, combine=None) -> None:
+    """Span attention of n items in sorted order (intervals.interval_forward), lse (n,) by item.
+
+    Rows as they lie: q (n, d), k and v padded (``pad`` rows in front, n + width - chunk in all). Or by
+    index: q and v Rows, k None (shared-QK: the keys are the q rows times k_scale (n,)). Outputs: out
+    (n, dv) by item; or, with ``combine`` = (order, has_other, acc, best, norm, scores), the round added
+    to the online softmax over rounds in position order (rounds.heads_forward)."""
+    (q, q_index, d), (v, v_index, dv) = _rows(q), _rows(v)
+    order, has_other, acc, best, norm, scores = combine or (None,) * 6
+    _call("interval_forward", lse, (lse.shape[0], d, dv, chunk, width, pad),
+          (q, q_index, k, k_scale, v, v_index, spans.lo, spans.hi, spans.skip, out, lse, order, has_other, acc,
+           best, norm, scores))
+
+
+def backward(q, k, v, g, spans, chunk: int, width: int, pad: int, lse, row, d_q, d_k, d_v, k_scale=None,
+             g_scale=None) -> None:
+    """d_q (n, d) by item, d_k and d_v in the padded layout of the span attention, given d_out (g: (n, dv),
+    or Rows whose rows are times g_scale), the forward's lse and row = sum(d_out * out) - d_lse, by item
+    (intervals.interval_backward); the other rows as for ``forward``. Every row of the gradients is
     written."""
-    n, d = q.shape
-    getattr(library(), f"interval_backward_{DTYPES[q.dtype]}")(
-        n, d, v_padded.shape[-1], chunk, width, k_padded.shape[0],
-        *(_address(t) for t in (q, k_padded, v_padded, lo, hi, skip, d_out, lse, row, d_q, d_k, d_v)),
-        torch.get_num_threads())
+    (q, q_index, d), (v, v_index, dv), (g, g_index, _) = _rows(q), _rows(v), _rows(g)
+    _call("interval_backward", lse, (lse.shape[0], d, dv, chunk, width, pad),
+          (q, q_index, k, k_scale, v, v_index, g, g_index, g_scale, spans.lo, spans.hi, spans.skip, lse, row,
+           d_q, d_k, d_v))
+
+
+def scatter_gradients(q: Rows, k_scale, order, pad: int, d_q, d_k, d_v, to_qk: Rows, to_v: Rows, to_scale) -> None:
+    """A round's gradients (``backward``'s, keys q times k_scale) added in position order: to_qk's rows
+    += d_q + k_scale d_k, to_scale[order] += d_k . q, to_v's rows += d_v."""
+    n, d = d_q.shape
+    _call("scatter_gradients", d_q, (n, d, d_v.shape[1], pad),
+          (q.base, q.index, k_scale, order, d_q, d_k, d_v, to_qk.base, to_qk.index, to_v.base, to_v.index,
+           to_scale))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import memory, native
 from .banded import Band
 from .intervals import Spans, Window, bucket_spans, interval_backward, interval_forward, unpad_keys
 
@@ -88,7 +89,8 @@ def sorted_validity(valid: torch.Tensor | None, positions: torch.Tensor) -> torc
 
 
 def carve(like: torch.Tensor, *shapes: tuple[int, ...]) -> list[torch.Tensor]:
-    """Contiguous tensors of the given shapes (like's dtype and device), views of one fresh allocation.
+    """Contiguous tensors of the given shapes (like's dtype and device), views of one fresh allocation
+    (on huge pages where offered: the compiled core reads and writes these rows in bucket order).
 
     Blocks above glibc's mmap threshold (at most 32 MiB) come from the system and go back to it whole;
     smaller ones land in the heap, where the holes they leave between longer-lived tensors stay
@@ -96,46 +98,57 @@ def carve(like: torch.Tensor, *shapes: tuple[int, ...]) -> list[torch.Tensor]:
     at the peak of the 64K layer step; carved from one block per call they keep none.
     """
     sizes = [math.prod(shape) for shape in shapes]
-    flat = like.new_empty(sum(sizes))
+    flat = memory.empty((sum(sizes),), like)
     return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
 
 
 class RoundBuffers:
     """Rows that every round of every head group of one call reuses, carved from one allocation.
 
-    All calls: sorted queries, padded keys and values (for the interval core). Forward: the core's
-    output, the same in position order, and the accumulator of the rounds. Backward: the core's
-    gradients (dq, padded dk and dv), a round's scaled d_out, and for the caller the group's projected
-    qk and v side by side and their gradients (rows of (batch, length, 2 heads d) memory).
+    Eager rounds (all calls): sorted queries, padded keys and values (for the interval core). Forward:
+    the core's output, the same in position order, and the accumulator of the rounds. Backward: the
+    core's gradients (dq, padded dk and dv), a round's scaled d_out, and for the caller the group's
+    projected qk and v side by side and their gradients (rows of (batch, length, 2 heads d) memory).
+    ``fused`` rounds (the compiled core reads and writes rows in position order itself): forward the
+    accumulator only, backward the core's gradients and the caller's rows.
     ``n`` rows: batch x heads x length of one group. Allocated once per call (not per group or per
     round): fresh 16-64 MiB blocks cost page faults on every touch, more than the copies themselves.
     """
 
     KINDS = ("forward", "backward", "kept")   # "kept": one round's sorted rows only (heads_forward's keep)
 
-    def __init__(self, band: Band, n: int, d_qk: int, d_v: int, like: torch.Tensor, kind: str):
+    def __init__(self, band: Band, n: int, d_qk: int, d_v: int, like: torch.Tensor, kind: str,
+                 fused: bool = False):
         if kind not in self.KINDS:
             raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
         window = self.window = _window(band)
         c = window.chunk_length
         padded = window.before * c + n + window.after * c
-        self.n = n
-        shapes = [(n, d_qk), (padded, d_qk), (padded, d_v)]              # q, k_padded, v_padded
+        self.n, self.fused = n, fused
+        sorted_rows = not fused
+        shapes = [(n, d_qk), (padded, d_qk), (padded, d_v)] if sorted_rows else []   # q, k_padded, v_padded
         if kind == "forward":
-            shapes += [(n, d_v)] * 3                                       # out, rows, acc
+            shapes += [(n, d_v)] * 3 if sorted_rows else [(n, d_v)]                  # (out, rows,) acc
         elif kind == "backward":
-            shapes += [(n, d_qk), (padded, d_qk), (padded, d_v), (n, d_v)]   # core grads, d_round
-            shapes += [(n, d_qk + d_v)] * 2                                # qk|v, d_qk|d_v
+            shapes += [(n, d_qk), (padded, d_qk), (padded, d_v)]                     # core grads
+            shapes += [(n, d_v)] if sorted_rows else []                              # d_round
+            shapes += [(n, d_qk + d_v)] * 2                                          # qk|v, d_qk|d_v
         parts = carve(like, *shapes)
-        self.q, self.k_padded, self.v_padded = parts[:3]
-        for padded_rows in (self.k_padded, self.v_padded):   # the padding rows stay zero
-            padded_rows[:window.before * c].zero_()
-            padded_rows[padded - window.after * c:].zero_()
+        if sorted_rows:
+            self.q, self.k_padded, self.v_padded = parts[:3]
+            parts = parts[3:]
+            for padded_rows in (self.k_padded, self.v_padded):   # the padding rows stay zero
+                padded_rows[:window.before * c].zero_()
+                padded_rows[padded - window.after * c:].zero_()
         if kind == "forward":
-            self.out, self.rows, self.acc = parts[3:]
+            *rows, self.acc = parts
+            if sorted_rows:
+                self.out, self.rows = rows
         elif kind == "backward":
-            self.core_grads, self.d_round = tuple(parts[3:6]), parts[6]
-            self.qkv, self.d_qkv = parts[7:]
+            self.core_grads, parts = tuple(parts[:3]), parts[3:]
+            if sorted_rows:
+                self.d_round, parts = parts[0], parts[1:]
+            self.qkv, self.d_qkv = parts
 
 
 def heads_rows(rows: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
@@ -213,6 +226,8 @@ def heads_forward(qk, key_scale, v, buckets, valid, band: Band, dropout: float, 
     each round's logsumexp in sorted order (rounds, B * H * L), and with ``keep`` each round's sorted
     rows and probabilities (else None), all for backward.
     """
+    if buffers.fused:
+        return _fused_forward(qk, key_scale, v, buckets, valid, band, buffers, out)
     rounds, n, d = buckets.shape[2], v.shape[0] * v.shape[1] * v.shape[2], v.shape[-1]
     window = buffers.window
     acc = buffers.acc.zero_()
@@ -240,11 +255,71 @@ def heads_forward(qk, key_scale, v, buckets, valid, band: Band, dropout: float, 
         weight = torch.where(seen, torch.exp(scores[r] - new_best), 0.0)
         acc.mul_(rescale[:, None]).addcmul_(weight[:, None], core_out)
         norm, best = norm * rescale + weight, new_best
+    total, any_other = _finish_rounds(acc, best, norm, v, out)
+    return total, any_other, scores, torch.stack(orders), lses, kept
+
+
+def _finish_rounds(acc, best, norm, v, out):
+    """out = acc / norm, or v where no round saw another key; the total normaliser and any_other."""
     any_other = (norm > 0).view(*v.shape[:3], 1)
     # A query that saw only itself in every round returns its own value, exactly.
     torch.where(any_other, acc.div_(norm.clamp_min(1e-30)[:, None]).view(v.shape), v, out=out)
     total = best + torch.log(norm)
-    return total.view(v.shape[:3]), any_other.view(v.shape[:3]), scores, torch.stack(orders), lses, kept
+    return total.view(v.shape[:3]), any_other.view(v.shape[:3])
+
+
+@dataclass
+class FusedRound:
+    """One round as the compiled core reads it: items in bucket order, their rows read in place.
+
+    order: (N,) each sorted item's index in (B * H * L) position order; spans: what each query sees;
+    scale: (N,) the sorted items' key scales; q, v: their rows of qk and v (native.Rows)."""
+
+    order: torch.Tensor
+    spans: Spans
+    scale: torch.Tensor
+    q: native.Rows
+    v: native.Rows
+
+
+def item_rows(x: torch.Tensor, positions: torch.Tensor, written: bool = False) -> native.Rows:
+    """The rows of x (B, H, L, d) at positions (B, H, L), in place where ``storage_rows`` covers x's layout
+    (else in a copy, unless the rows are ``written``: then x must be covered)."""
+    rows = storage_rows(x, positions)
+    if rows is None:
+        if written:
+            raise ValueError("item_rows: rows to write must lie whole in x's storage (see storage_rows)")
+        rows = storage_rows(x.contiguous(), positions)
+    flat, numbers = rows
+    return native.Rows(flat, numbers.flatten() * x.shape[-1], x.shape[-1])
+
+
+def _fused_round(window: Window, causal: bool, qk, key_scale, v, positions, sorted_buckets, valid) -> FusedRound:
+    query_valid = sorted_validity(valid, positions)
+    spans = bucket_spans(window, sorted_buckets.flatten(), positions.shape[2], causal,
+                         None if query_valid is None else query_valid.flatten())
+    order = _row_index(positions, positions.shape[2])
+    return FusedRound(order, spans, key_scale.reshape(-1).index_select(0, order), item_rows(qk, positions),
+                      item_rows(v, positions))
+
+
+def _fused_forward(qk, key_scale, v, buckets, valid, band: Band, buffers: RoundBuffers, out):
+    """heads_forward on the compiled core: it gathers each round's rows itself and adds the round to the
+    online softmax in position order, so no sorted copy is made."""
+    rounds, n = buckets.shape[2], v.shape[0] * v.shape[1] * v.shape[2]
+    window, c = buffers.window, buffers.window.chunk_length
+    acc = buffers.acc.zero_()
+    best, norm = qk.new_full((n,), float("-inf")), qk.new_zeros(n)
+    scores, lses = qk.new_empty(rounds, n), qk.new_empty(rounds, n)
+    orders = []
+    for r in range(rounds):
+        _, positions, sorted_buckets = sort_by_bucket(buckets[:, :, r, None])
+        orders.append(positions)
+        items = _fused_round(window, band.causal, qk, key_scale, v, positions, sorted_buckets, valid)
+        native.forward(items.q, None, items.v, items.spans, c, window.width, window.before * c, lses[r],
+                       k_scale=items.scale, combine=(items.order, items.spans.has_other, acc, best, norm, scores[r]))
+    total, any_other = _finish_rounds(acc, best, norm, v, out)
+    return total, any_other, scores, torch.stack(orders), lses, None
 
 
 def heads_backward(qk, key_scale, v, buckets, valid, out, total, any_other, scores, orders, lses, d_out,
@@ -264,6 +339,11 @@ def heads_backward(qk, key_scale, v, buckets, valid, out, total, any_other, scor
     d_qk.zero_()
     torch.mul(d_out, (~any_other).view(*d_out.shape[:3], 1), out=d_v)   # queries that returned their own value
     scale_grad = torch.zeros_like(total)
+    if buffers.fused:
+        _fused_backward(qk, key_scale, v, buckets, valid, total, any_other, scores, orders, lses, d_out, g_dot_o,
+                        band, buffers, d_qk, scale_grad, d_v)
+        d_scale.copy_(scale_grad.view(d_scale.shape))
+        return
     for r in range(buckets.shape[2]):
         if kept is None:
             items, probs = sorted_round(buffers, band.causal, qk, key_scale, v, buckets[:, :, r], orders[r],
@@ -286,6 +366,25 @@ def heads_backward(qk, key_scale, v, buckets, valid, out, total, any_other, scor
         d_v += torch.index_select(unpad_keys(d_v_round, buffers.window), 0, items.unsorted,
                                   out=d_round).view(d_v.shape)
     d_scale.copy_(scale_grad.view(d_scale.shape))
+
+
+def _fused_backward(qk, key_scale, v, buckets, valid, total, any_other, scores, orders, lses, d_out, g_dot_o,
+                    band: Band, buffers: RoundBuffers, d_qk, scale_grad, d_v) -> None:
+    """heads_backward's rounds on the compiled core: it reads the rows of qk, v and d_out in place and
+    adds each round's gradients to d_qk, scale_grad (flat, position order) and d_v in position order."""
+    window, c = buffers.window, buffers.window.chunk_length
+    grads = buffers.core_grads
+    for r in range(buckets.shape[2]):
+        positions = orders[r]
+        sorted_buckets = buckets[:, :, r].gather(2, positions)
+        items = _fused_round(window, band.causal, qk, key_scale, v, positions, sorted_buckets, valid)
+        weight = torch.exp(scores[r] - total).masked_fill_(~any_other, 0.0).index_select(0, items.order)
+        row = weight * g_dot_o.index_select(0, items.order)
+        native.backward(items.q, None, items.v, item_rows(d_out, positions), items.spans, c, window.width,
+                        window.before * c, lses[r], row, *grads, k_scale=items.scale, g_scale=weight)
+        native.scatter_gradients(items.q, items.scale, items.order, window.before * c, *grads,
+                                 item_rows(d_qk, positions, written=True), item_rows(d_v, positions, written=True),
+                                 scale_grad)
 
 
 HEAD_GROUP_ELEMENTS = 1 << 20   # q values of the heads attended together (4 MiB in float32)

@@ -1,0 +1,49 @@
+"""Large CPU buffers on transparent huge pages.
+
+The compiled interval core reads the rows of every round in bucket order: scattered 256-byte rows of
+16-64 MiB tensors. On 4 KiB pages nearly every such row costs a TLB miss and a page walk (expensive under
+virtualisation): gathering one head's rows at 64K tokens took 13-18 ms, on 2 MiB pages 5-7 ms (measured).
+Linux backs a private anonymous mapping with huge pages where it is asked to (MADV_HUGEPAGE, the
+"madvise" setting of transparent_hugepage); torch's own allocator does so only when THP_MEM_ALLOC_ENABLE
+is set when the process starts, which a library cannot count on. So the buffers the core reads at random
+come from here. Elsewhere (other systems, other devices, small sizes) this is plain ``new_empty``.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+
+import torch
+
+HUGE_PAGE = 2 << 20
+MIN_BYTES = 4 << 20   # smaller buffers stay with torch's allocator
+
+
+def _huge_pages_offered() -> bool:
+    return hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_ANONYMOUS")
+
+
+def empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised contiguous tensor of like's dtype and device, on huge pages where offered.
+
+    The memory is a mapping of its own, unmapped when the last tensor viewing it is freed."""
+    numel = math.prod(shape)
+    nbytes = numel * like.element_size()
+    if like.device.type != "cpu" or nbytes < MIN_BYTES or not _huge_pages_offered():
+        return like.new_empty(shape)
+    mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:   # not offered by this kernel: ordinary pages
+        pass
+    flat = torch.frombuffer(mapping, dtype=like.dtype)   # keeps the mapping alive
+    start = (-flat.data_ptr() % HUGE_PAGE) // like.element_size()   # whole huge pages from the first row
+    return flat[start:start + numel].view(shape)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T (no bias) into a buffer from ``empty``: (..., in) -> (..., out)."""
+    out = empty((*x.shape[:-1], weight.shape[0]), x)
+    torch.matmul(x, weight.t(), out=out)
+    return out

@@ -139,6 +139,27 @@ def test_fused_rounds_equal_the_eager_rounds(causal, dtype, tolerance, compiled,
         torch.testing.assert_close(have, want, rtol=tolerance, atol=tolerance * want.abs().max().item(), msg=name)
 
 
+@pytest.mark.parametrize("n_buckets", [2, 8, 64, (4, 2), (32, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_hashing_equals_the_eager_hashing(n_buckets, dtype, compiled, monkeypatch):
+    """Bucket ids in one compiled pass against max and min per factor, ties included: zero vectors,
+    and vectors whose rotations reach the maximum twice (the first of [xR, -xR] wins)."""
+    from reformer import hashing
+
+    g = torch.Generator().manual_seed(0)
+    rotations = hashing.draw_rotations(3, 2, 8, 3, n_buckets).to(dtype)
+    vectors = torch.randn(2, 2, 700, 8, generator=g, dtype=dtype)
+    vectors[:, :, :50] = 0                                    # every column ties
+    vectors[:, :, 50:100] = vectors[:, :, 50:100].round()    # small integers: exact ties are common
+    rotations_ties = rotations.round()
+    for rot in (rotations, rotations_ties):
+        compiled_ids = hashing.hash_vectors(vectors, rot, n_buckets)
+        monkeypatch.setattr(native, "supports", lambda *tensors: False)
+        eager_ids = hashing.hash_vectors(vectors, rot, n_buckets)
+        monkeypatch.undo()
+        assert torch.equal(compiled_ids, eager_ids)
+
+
 def test_huge_page_buffers_are_plain_tensors():
     """memory.empty: the shape, dtype and device asked for, writable, starting on a huge page when large,
     and freed with the tensor (no leak of mappings)."""

@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from . import native
+
 _MIX = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: spreads consecutive integers over the seed space
 
 
@@ -69,8 +71,12 @@ def hash_vectors(vectors: torch.Tensor, rotations: torch.Tensor,
     buckets = torch.empty((batch, heads, n_hashes, length), dtype=torch.long, device=vectors.device)
     step = max(1, HASH_BLOCK_ELEMENTS // (batch * heads * n_hashes * rotations.shape[-1]))
     vectors = vectors.detach()
+    compiled = native.supports(vectors)
     for start in range(0, length, step):
         rotated = torch.einsum("bhld,hdrk->bhrlk", vectors[:, :, start:start + step], rotations)
+        if compiled:   # one pass over the rotated values instead of a max and a min per factor
+            native.hash_buckets(rotated, factors, buckets[..., start:start + step])
+            continue
         ids, first, scale = None, 0, 1
         for factor in factors:
             part = rotated[..., first:first + factor // 2]

@@ -666,6 +666,63 @@ void F(scatter_gradients)(int64_t n, int64_t d, int64_t dv, int64_t pad, const T
     parallel_for(F(scatter_range), &a, 0, n, threads);
 }
 
+typedef struct {
+    const T *x;
+    int64_t *out;
+    const int64_t *sizes, *strides, *out_strides, *factors;
+    int64_t n_factors;
+} F(Hash);
+
+/* The bucket of one row of rotated values x: per factor f, the argmax over [x_f, -x_f] of its
+   factors[f] / 2 columns (the first to reach the maximum), combined as id_0 + factors[0] (id_1 + ...). */
+static inline int64_t F(bucket_of)(const T *x, const int64_t *factors, int64_t n_factors) {
+    int64_t id = 0, scale = 1;
+    for (int64_t f = 0; f < n_factors; f++) {
+        int64_t half = factors[f] / 2, at = half;
+        T top = x[0], bottom = x[0];
+        _Pragma("omp simd reduction(max:top) reduction(min:bottom)") for (int64_t j = 1; j < half; j++) {
+            top = x[j] > top ? x[j] : top;
+            bottom = x[j] < bottom ? x[j] : bottom;
+        }
+        int negative = !(top >= -bottom);
+        T want = negative ? bottom : top;
+        /* a vector search for the first column that reaches it, no branch per column */
+        _Pragma("omp simd reduction(min:at)") for (int64_t j = 0; j < half; j++) at = x[j] == want && j < at ? j : at;
+        id += scale * (at + (negative ? half : 0));
+        scale *= factors[f];
+        x += half;
+    }
+    return id;
+}
+
+/* Items [begin, end) of the first three dimensions, each with every index of the last. */
+static void F(hash_range)(const void *p, int part, int64_t begin, int64_t end) {
+    const F(Hash) *a = (const F(Hash) *)p;
+    (void)part;
+    for (int64_t item = begin; item < end; item++) {
+        int64_t rest = item, at = 0, out_at = 0;
+        for (int dim = 2; dim >= 0; dim--) {
+            int64_t i = rest % a->sizes[dim];
+            rest /= a->sizes[dim];
+            at += i * a->strides[dim];
+            out_at += i * a->out_strides[dim];
+        }
+        for (int64_t last = 0; last < a->sizes[3]; last++)
+            a->out[out_at + last * a->out_strides[3]] = F(bucket_of)(a->x + at + last * a->strides[3], a->factors,
+                                                                      a->n_factors);
+    }
+}
+
+/* Angular LSH's bucket ids (hashing.hash_vectors): for every row of rotated values x (sizes[0..3] rows,
+   element (i0, i1, i2, i3, j) at x + sum i_k strides[k] + j), argmax over [x_f, -x_f] of each factor's
+   columns x_f (factors[f] / 2 of them, one after the other), combined as id_0 + factors[0] (id_1 + ...),
+   written to out at sum i_k out_strides[k]. One pass over the values instead of a max and a min each. */
+void F(hash_buckets)(const T *x, const int64_t *sizes, const int64_t *strides, int64_t *out,
+                     const int64_t *out_strides, int64_t n_factors, const int64_t *factors, int threads) {
+    F(Hash) a = {x, out, sizes, strides, out_strides, factors, n_factors};
+    parallel_for(F(hash_range), &a, 0, sizes[0] * sizes[1] * sizes[2], threads);
+}
+
 #undef F
 #undef V
 #undef Args

@@ -75,7 +75,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     for name in DTYPES.values():
         for kernel, args in (("interval_forward", [i64] * 6 + [ptr] * 17 + [i32]),
                              ("interval_backward", [i64] * 6 + [ptr] * 17 + [i32]),
-                             ("scatter_gradients", [i64] * 4 + [ptr] * 12 + [i32])):
+                             ("scatter_gradients", [i64] * 4 + [ptr] * 12 + [i32]),
+                             ("hash_buckets", [ptr] * 5 + [i64, ptr, i32])):
             function = getattr(lib, f"{kernel}_{name}")
             function.argtypes = args
             function.restype = None
@@ -169,3 +170,24 @@ def scatter_gradients(q: Rows, k_scale, order, pad: int, d_q, d_k, d_v, to_qk: R
     _call("scatter_gradients", d_q, (n, d, d_v.shape[1], pad),
           (q.base, q.index, k_scale, order, d_q, d_k, d_v, to_qk.base, to_qk.index, to_v.base, to_v.index,
            to_scale))
+
+
+def _longs(values) -> torch.Tensor:
+    return torch.tensor(list(values), dtype=torch.int64)
+
+
+def hash_buckets(rotated: torch.Tensor, factors: tuple[int, ...], out: torch.Tensor) -> None:
+    """Bucket ids of angular LSH (hashing.hash_vectors) in one pass: rotated (B, H, R, L, k), any strides,
+    its columns the factors' halves one after the other; out (B, H, R, L) int64, any strides."""
+    if out.dtype != torch.int64:
+        raise ValueError(f"hash_buckets writes int64 ids, got out of dtype {out.dtype}")
+    rotated = rotated if rotated.stride(-1) == 1 else rotated.contiguous()
+    # Rows in the order they lie in memory (the kernel steps through the last dimension fastest). Bound to
+    # names: a temporary's memory would be freed before the call reads it.
+    dims = sorted(range(4), key=lambda dim: -rotated.stride(dim))
+    sizes, strides, out_strides = (_longs(values[dim] for dim in dims)
+                                   for values in (rotated.shape, rotated.stride(), out.stride()))
+    factor_sizes = _longs(factors)
+    getattr(library(), f"hash_buckets_{DTYPES[rotated.dtype]}")(
+        rotated.data_ptr(), sizes.data_ptr(), strides.data_ptr(), out.data_ptr(), out_strides.data_ptr(),
+        len(factors), factor_sizes.data_ptr(), torch.get_num_threads())

@@ -160,6 +160,34 @@ def test_compiled_hashing_equals_the_eager_hashing(n_buckets, dtype, compiled, m
         assert torch.equal(compiled_ids, eager_ids)
 
 
+@pytest.mark.parametrize("causal,window", [(True, Window(5, 2, 0)), (False, Window(4, 1, 1)), (True, Window(8, 1, 0))])
+def test_compiled_round_sort_and_spans_equal_the_eager_ones(causal, window, compiled):
+    """native.round_spans (a counting sort per sequence, spans in the same pass) against sort_by_bucket,
+    bucket_spans and make_spans, with padding in buckets of its own, on a strided view of the buckets."""
+    from reformer.rounds import _row_index, sort_by_bucket, sorted_validity
+
+    g = torch.Generator().manual_seed(0)
+    batch, heads, rounds, length = 2, 3, 2, 200
+    buckets = torch.randint(0, 9, (batch, heads, rounds, length), generator=g) + 50
+    buckets[1, :, :, length - 30:] = 7                       # padding, ids below the real ones
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    valid[1, length - 30:] = False
+    one_round = buckets[:, :, 1]                             # (B, H, L) view with the rounds' strides
+    positions, order, lo, hi, skip, has_other = native.round_spans(one_round, valid, window.chunk_length,
+                                                                   window.before, window.after, causal)
+    _, want_positions, sorted_buckets = sort_by_bucket(one_round[:, :, None])
+    want = bucket_spans(window, sorted_buckets.flatten(), length, causal,
+                        sorted_validity(valid, want_positions).flatten())
+    assert torch.equal(positions, want_positions)
+    assert torch.equal(order, _row_index(want_positions, length))
+    for name, have, expected in (("lo", lo, want.lo), ("hi", hi, want.hi), ("skip", skip, want.skip),
+                                 ("has_other", has_other, want.has_other)):
+        assert torch.equal(have, expected), name
+    buckets[1, :, 1, length - 1] = 50                         # a padding item in a real item's bucket
+    with pytest.raises(ValueError, match="padding shares a bucket"):
+        native.round_spans(buckets[:, :, 1], valid, window.chunk_length, window.before, window.after, causal)
+
+
 def test_huge_page_buffers_are_plain_tensors():
     """memory.empty: the shape, dtype and device asked for, writable, starting on a huge page when large,
     and freed with the tensor (no leak of mappings)."""

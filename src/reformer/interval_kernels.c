@@ -119,6 +119,76 @@ static inline double exp_float64(double x) { return exp(x); }
 
 #define QB 4   /* queries scored together: QB x 2 vector accumulators stay in registers */
 
+/* One LSH round's items in bucket order and their spans (rounds.sort_by_bucket, intervals.bucket_spans and
+   make_spans at once). Sequences s = b heads + h of `length` items, bucket ids at
+   buckets[b bs + h hs + position ps]; valid (batch, length) or NULL. Per sequence, a counting sort by bucket
+   (stable: positions stay in order inside a bucket), then for sorted item i (global index) the bucket
+   window's span in window columns (Window c, before, after): earlier items of its bucket within reach
+   (causal) or its bucket within reach but itself; a padding query sees nothing; a query left with nothing
+   sees itself (has_other false). Writes positions (sorted positions) and order (s length + position) by
+   item. Returns 0, 1 where padding shares a bucket with real items, 2 where a span leaves its window. */
+typedef struct {
+    int64_t heads, length, bs, hs, ps, c, before, after;
+    int causal;
+    const int64_t *buckets;
+    const unsigned char *valid;
+    int64_t *positions, *order, *lo, *hi, *skip;
+    unsigned char *has_other;
+    int error;
+} RoundSpans;
+
+static void round_spans_range(const void *p, int part, int64_t begin, int64_t end) {
+    RoundSpans *a = (RoundSpans *)p;
+    int64_t length = a->length, c = a->c, width = (a->before + 1 + a->after) * c;
+    (void)part;
+    for (int64_t sequence = begin; sequence < end; sequence++) {
+        int64_t b = sequence / a->heads, h = sequence % a->heads, base = sequence * length;
+        const int64_t *ids = a->buckets + b * a->bs + h * a->hs;
+        const unsigned char *valid = a->valid ? a->valid + b * length : NULL;
+        int64_t low = ids[0], high = ids[0];
+        for (int64_t t = 1; t < length; t++) {
+            int64_t id = ids[t * a->ps];
+            low = id < low ? id : low;
+            high = id > high ? id : high;
+        }
+        int64_t *starts = (int64_t *)calloc((size_t)(2 * (high - low + 2)), sizeof(int64_t)), *ends = starts + (high - low + 2);
+        for (int64_t t = 0; t < length; t++) starts[ids[t * a->ps] - low + 1]++;
+        for (int64_t k = 0; k <= high - low; k++) starts[k + 1] += starts[k];
+        memcpy(ends, starts, sizeof(int64_t) * (size_t)(high - low + 2));
+        for (int64_t t = 0; t < length; t++) a->positions[base + ends[ids[t * a->ps] - low]++] = t;
+        for (int64_t k = 0; k < length; k++) {
+            int64_t i = base + k, t = a->positions[i], bucket = ids[t * a->ps] - low;
+            a->order[i] = base + t;
+            if (valid && k > starts[bucket] && valid[t] != valid[a->positions[i - 1]]) __atomic_store_n(&a->error, 1, __ATOMIC_RELAXED);
+            int64_t lo = base + starts[bucket] > i - a->before * c ? base + starts[bucket] : i - a->before * c, hi;
+            if (a->causal) hi = i;
+            else hi = base + ends[bucket] < i + a->after * c + 1 ? base + ends[bucket] : i + a->after * c + 1;
+            if (valid && !valid[t]) hi = lo;
+            int64_t first = (i / c - a->before) * c, own = i - first;
+            lo -= first;
+            hi = hi - first > lo ? hi - first : lo;
+            if (lo < 0 || hi > width) __atomic_store_n(&a->error, 2, __ATOMIC_RELAXED);
+            int self_inside = lo <= own && own < hi, has_other = hi - lo - self_inside > 0;
+            a->lo[i] = has_other ? lo : own;
+            a->hi[i] = has_other ? hi : own + 1;
+            a->skip[i] = has_other && self_inside ? own : -1;
+            a->has_other[i] = (unsigned char)has_other;
+        }
+        free(starts);
+    }
+}
+
+int round_spans(int64_t batch, int64_t heads, int64_t length, const int64_t *buckets, int64_t bs, int64_t hs,
+                int64_t ps, const unsigned char *valid, int64_t c, int64_t before, int64_t after, int causal,
+                int64_t *positions, int64_t *order, int64_t *lo, int64_t *hi, int64_t *skip,
+                unsigned char *has_other, int threads) {
+    RoundSpans a = {heads, length, bs, hs, ps, c, before, after, causal, buckets, valid, positions, order, lo, hi,
+                    skip, has_other, 0};
+    /* parts write their own sequences' rows */
+    parallel_for(round_spans_range, &a, 0, batch * heads, threads < batch * heads ? threads : (int)(batch * heads));
+    return a.error;
+}
+
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
 
@@ -355,23 +425,36 @@ static void F(weighted_rows)(T *y0, T *y1, const T *w0, const T *w1, const T *x,
 }
 
 /* tile[col] += sum_{r < m} w[r * sw + col] x_r for columns [from, to) of a (columns, d) tile; x_r = row
-   r of x (d wide). Each tile row is read and written once per group of queries. */
+   r of x (d wide). Each tile row is read and written once per group of queries; four vectors of it at a
+   time, so that four sums over the queries run side by side (two left the loop waiting on the adds'
+   latency: it took twice the scores' time). */
 static void F(spread)(T *tile, const T *w, int64_t sw, const T *x, int m, int64_t d, int64_t from, int64_t to) {
     for (int64_t col = from; col < to; col++) {
-        T *out = tile + col * d;
+        T *out = tile + col * d, weight[QB];
+        for (int r = 0; r < m; r++) weight[r] = w[r * sw + col];
         int64_t e = 0;
-        for (; e + 2 * LANES <= d; e += 2 * LANES) {
-            V a0 = F(load)(out + e), a1 = F(load)(out + e + LANES);
+        for (; e + 4 * LANES <= d; e += 4 * LANES) {
+            V a0 = F(load)(out + e), a1 = F(load)(out + e + LANES), a2 = F(load)(out + e + 2 * LANES),
+              a3 = F(load)(out + e + 3 * LANES);
             for (int r = 0; r < m; r++) {
-                T wr = w[r * sw + col];
-                a0 += F(load)(x + r * d + e) * wr;
-                a1 += F(load)(x + r * d + e + LANES) * wr;
+                const T *xr = x + r * d + e;
+                a0 += F(load)(xr) * weight[r];
+                a1 += F(load)(xr + LANES) * weight[r];
+                a2 += F(load)(xr + 2 * LANES) * weight[r];
+                a3 += F(load)(xr + 3 * LANES) * weight[r];
             }
             F(store)(out + e, a0);
             F(store)(out + e + LANES, a1);
+            F(store)(out + e + 2 * LANES, a2);
+            F(store)(out + e + 3 * LANES, a3);
+        }
+        for (; e + LANES <= d; e += LANES) {
+            V a0 = F(load)(out + e);
+            for (int r = 0; r < m; r++) a0 += F(load)(x + r * d + e) * weight[r];
+            F(store)(out + e, a0);
         }
         for (; e < d; e++)
-            for (int r = 0; r < m; r++) out[e] += w[r * sw + col] * x[r * d + e];
+            for (int r = 0; r < m; r++) out[e] += weight[r] * x[r * d + e];
     }
 }
 

@@ -62,7 +62,7 @@ class _ProjectedLSH(torch.autograd.Function):
         out = heads_last(v)
         total = qk.new_empty(scale.shape)
         any_other = torch.empty(total.shape, dtype=torch.bool, device=qk.device)
-        saved, buffers = [], None   # per head group: each round's scores, sort order and logsumexp
+        saved, buffers = [], None   # per head group: each round's scores, sort order (eager) and logsumexp
         ctx.kept = []               # per head group, with ``keep``: its rounds' sorted rows and probabilities
         # The compiled core gathers and combines the rounds itself (no sorted copies); keeping rounds is
         # the eager core's trade.
@@ -76,7 +76,7 @@ class _ProjectedLSH(torch.autograd.Function):
             ctx.kept.append(kept)
         del buffers
         ctx.save_for_backward(h, w_qk, w_v, buckets, valid, out, total, any_other, *saved)
-        ctx.band, ctx.dropout, ctx.seed = band, dropout, seed
+        ctx.band, ctx.dropout, ctx.seed, ctx.fused = band, dropout, seed, fused
         return out
 
     @staticmethod
@@ -89,9 +89,8 @@ class _ProjectedLSH(torch.autograd.Function):
         d_w_qk, d_w_v = torch.empty_like(w_qk), torch.empty_like(w_v)
         d_out = d_out.to(out.dtype)
         buffers = None
-        fused = native_core(out, ctx.dropout) and not any(ctx.kept)
         for i, part in enumerate(head_groups(out)):
-            buffers = _group_buffers(buffers, ctx.band, part, out, "backward", fused)
+            buffers = _group_buffers(buffers, ctx.band, part, out, "backward", ctx.fused)
             rows, width = slice(part.start * d, part.stop * d), part.stop - part.start
             # The group's qk and v side by side in (B L, 2 width d) rows of the buffers, and their gradients
             # alike: one product of twice the width costs ~3/4 of two (measured at 64K tokens).

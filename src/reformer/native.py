@@ -72,6 +72,8 @@ def _build(compiler: str) -> Path:
 
 def _declare(lib: ctypes.CDLL) -> None:
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.round_spans.argtypes = [i64] * 3 + [ptr] + [i64] * 3 + [ptr] + [i64] * 3 + [i32] + [ptr] * 6 + [i32]
+    lib.round_spans.restype = i32
     for name in DTYPES.values():
         for kernel, args in (("interval_forward", [i64] * 6 + [ptr] * 17 + [i32]),
                              ("interval_backward", [i64] * 6 + [ptr] * 17 + [i32]),
@@ -191,3 +193,26 @@ def hash_buckets(rotated: torch.Tensor, factors: tuple[int, ...], out: torch.Ten
     getattr(library(), f"hash_buckets_{DTYPES[rotated.dtype]}")(
         rotated.data_ptr(), sizes.data_ptr(), strides.data_ptr(), out.data_ptr(), out_strides.data_ptr(),
         len(factors), factor_sizes.data_ptr(), torch.get_num_threads())
+
+
+def round_spans(buckets: torch.Tensor, valid: torch.Tensor | None, chunk: int, before: int, after: int,
+                causal: bool):
+    """One LSH round's sort by bucket and its bucket-window spans in one pass (counting sort per sequence):
+    buckets (B, H, L) int64, any strides; valid (B, L) bool or None. Returns positions (B, H, L) (the
+    sorted items' positions), order (B H L,) (their indices in position order) and the spans' lo, hi,
+    skip and has_other (B H L,), as rounds.sort_by_bucket, intervals.bucket_spans and make_spans give them."""
+    batch, heads, length = buckets.shape
+    n = batch * heads * length
+    positions = torch.empty(batch, heads, length, dtype=torch.int64)
+    order, lo, hi, skip = (torch.empty(n, dtype=torch.int64) for _ in range(4))
+    has_other = torch.empty(n, dtype=torch.bool)
+    valid = None if valid is None else valid.contiguous()
+    error = library().round_spans(batch, heads, length, buckets.data_ptr(), *buckets.stride(), _address(valid),
+                                  chunk, before, after, int(causal), *(_address(t) for t in (positions, order, lo, hi,
+                                                                                            skip, has_other)),
+                                  torch.get_num_threads())
+    if error == 1:
+        raise ValueError("bucket_spans: padding shares a bucket with real items; give it buckets of its own")
+    if error == 2:
+        raise ValueError("make_spans: an interval reaches beyond the query's window of chunks")
+    return positions, order, lo, hi, skip, has_other

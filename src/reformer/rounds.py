@@ -222,9 +222,10 @@ def heads_forward(qk, key_scale, v, buckets, valid, band: Band, dropout: float, 
     (B, H, L, d), any layout. ``buffers``: a forward RoundBuffers for B * H * L rows.
 
     Returns the total normaliser and any_other (B, H, L), each round's score (its normaliser, -inf
-    where the query saw only itself) (rounds, B * H * L), each round's sort order (rounds, B, H, L),
-    each round's logsumexp in sorted order (rounds, B * H * L), and with ``keep`` each round's sorted
-    rows and probabilities (else None), all for backward.
+    where the query saw only itself) (rounds, B * H * L), each round's sort order (rounds, B, H, L; None
+    with ``fused`` buffers: that backward sorts again), each round's logsumexp in sorted order
+    (rounds, B * H * L), and with ``keep`` each round's sorted rows and probabilities (else None), all
+    for backward (which must use buffers of the same kind).
     """
     if buffers.fused:
         return _fused_forward(qk, key_scale, v, buckets, valid, band, buffers, out)
@@ -272,9 +273,11 @@ def _finish_rounds(acc, best, norm, v, out):
 class FusedRound:
     """One round as the compiled core reads it: items in bucket order, their rows read in place.
 
-    order: (N,) each sorted item's index in (B * H * L) position order; spans: what each query sees;
+    positions: (B, H, L) each sorted item's position, order: (N,) its index in (B * H * L) position order;
+    spans: what each query sees;
     scale: (N,) the sorted items' key scales; q, v: their rows of qk and v (native.Rows)."""
 
+    positions: torch.Tensor
     order: torch.Tensor
     spans: Spans
     scale: torch.Tensor
@@ -294,13 +297,13 @@ def item_rows(x: torch.Tensor, positions: torch.Tensor, written: bool = False) -
     return native.Rows(flat, numbers.flatten() * x.shape[-1], x.shape[-1])
 
 
-def _fused_round(window: Window, causal: bool, qk, key_scale, v, positions, sorted_buckets, valid) -> FusedRound:
-    query_valid = sorted_validity(valid, positions)
-    spans = bucket_spans(window, sorted_buckets.flatten(), positions.shape[2], causal,
-                         None if query_valid is None else query_valid.flatten())
-    order = _row_index(positions, positions.shape[2])
-    return FusedRound(order, spans, key_scale.reshape(-1).index_select(0, order), item_rows(qk, positions),
-                      item_rows(v, positions))
+def _fused_round(window: Window, causal: bool, qk, key_scale, v, buckets, valid) -> FusedRound:
+    """One round's items for the compiled core: buckets (B, H, L) of the round -> its sort, spans and rows,
+    the sort and spans in one compiled pass (a counting sort by bucket)."""
+    positions, order, lo, hi, skip, has_other = native.round_spans(buckets, valid, window.chunk_length,
+                                                                   window.before, window.after, causal)
+    return FusedRound(positions, order, Spans(lo, hi, skip, None, has_other),
+                      key_scale.reshape(-1).index_select(0, order), item_rows(qk, positions), item_rows(v, positions))
 
 
 def _fused_forward(qk, key_scale, v, buckets, valid, band: Band, buffers: RoundBuffers, out):
@@ -311,15 +314,12 @@ def _fused_forward(qk, key_scale, v, buckets, valid, band: Band, buffers: RoundB
     acc = buffers.acc.zero_()
     best, norm = qk.new_full((n,), float("-inf")), qk.new_zeros(n)
     scores, lses = qk.new_empty(rounds, n), qk.new_empty(rounds, n)
-    orders = []
     for r in range(rounds):
-        _, positions, sorted_buckets = sort_by_bucket(buckets[:, :, r, None])
-        orders.append(positions)
-        items = _fused_round(window, band.causal, qk, key_scale, v, positions, sorted_buckets, valid)
+        items = _fused_round(window, band.causal, qk, key_scale, v, buckets[:, :, r], valid)
         native.forward(items.q, None, items.v, items.spans, c, window.width, window.before * c, lses[r],
                        k_scale=items.scale, combine=(items.order, items.spans.has_other, acc, best, norm, scores[r]))
     total, any_other = _finish_rounds(acc, best, norm, v, out)
-    return total, any_other, scores, torch.stack(orders), lses, None
+    return total, any_other, scores, None, lses, None   # (backward sorts again: no orders kept)
 
 
 def heads_backward(qk, key_scale, v, buckets, valid, out, total, any_other, scores, orders, lses, d_out,
@@ -340,7 +340,7 @@ def heads_backward(qk, key_scale, v, buckets, valid, out, total, any_other, scor
     torch.mul(d_out, (~any_other).view(*d_out.shape[:3], 1), out=d_v)   # queries that returned their own value
     scale_grad = torch.zeros_like(total)
     if buffers.fused:
-        _fused_backward(qk, key_scale, v, buckets, valid, total, any_other, scores, orders, lses, d_out, g_dot_o,
+        _fused_backward(qk, key_scale, v, buckets, valid, total, any_other, scores, lses, d_out, g_dot_o,
                         band, buffers, d_qk, scale_grad, d_v)
         d_scale.copy_(scale_grad.view(d_scale.shape))
         return
@@ -368,16 +368,15 @@ def heads_backward(qk, key_scale, v, buckets, valid, out, total, any_other, scor
     d_scale.copy_(scale_grad.view(d_scale.shape))
 
 
-def _fused_backward(qk, key_scale, v, buckets, valid, total, any_other, scores, orders, lses, d_out, g_dot_o,
+def _fused_backward(qk, key_scale, v, buckets, valid, total, any_other, scores, lses, d_out, g_dot_o,
                     band: Band, buffers: RoundBuffers, d_qk, scale_grad, d_v) -> None:
     """heads_backward's rounds on the compiled core: it reads the rows of qk, v and d_out in place and
     adds each round's gradients to d_qk, scale_grad (flat, position order) and d_v in position order."""
     window, c = buffers.window, buffers.window.chunk_length
     grads = buffers.core_grads
     for r in range(buckets.shape[2]):
-        positions = orders[r]
-        sorted_buckets = buckets[:, :, r].gather(2, positions)
-        items = _fused_round(window, band.causal, qk, key_scale, v, positions, sorted_buckets, valid)
+        items = _fused_round(window, band.causal, qk, key_scale, v, buckets[:, :, r], valid)
+        positions = items.positions
         weight = torch.exp(scores[r] - total).masked_fill_(~any_other, 0.0).index_select(0, items.order)
         row = weight * g_dot_o.index_select(0, items.order)
         native.backward(items.q, None, items.v, item_rows(d_out, positions), items.spans, c, window.width,

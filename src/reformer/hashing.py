@@ -71,10 +71,10 @@ def hash_vectors(vectors: torch.Tensor, rotations: torch.Tensor,
     buckets = torch.empty((batch, heads, n_hashes, length), dtype=torch.long, device=vectors.device)
     step = max(1, HASH_BLOCK_ELEMENTS // (batch * heads * n_hashes * rotations.shape[-1]))
     vectors = vectors.detach()
-    compiled = native.supports(vectors)
     for start in range(0, length, step):
         rotated = torch.einsum("bhld,hdrk->bhrlk", vectors[:, :, start:start + step], rotations)
-        if compiled:   # one pass over the rotated values instead of a max and a min per factor
+        if native.supports(rotated):   # one pass over the rotated values instead of a max and a min per factor
+            # (the rotated values' dtype decides: under autocast it is bfloat16 for float32 vectors)
             native.hash_buckets(rotated, factors, buckets[..., start:start + step])
             continue
         ids, first, scale = None, 0, 1

@@ -126,7 +126,8 @@ static inline double exp_float64(double x) { return exp(x); }
    window's span in window columns (Window c, before, after): earlier items of its bucket within reach
    (causal) or its bucket within reach but itself; a padding query sees nothing; a query left with nothing
    sees itself (has_other false). Writes positions (sorted positions) and order (s length + position) by
-   item. Returns 0, 1 where padding shares a bucket with real items, 2 where a span leaves its window. */
+   item. Returns 0, 1 where padding shares a bucket with real items, 2 where a span leaves its window, 3
+   where the counts of the bucket ids find no memory. */
 typedef struct {
     int64_t heads, length, bs, hs, ps, c, before, after;
     int causal;
@@ -151,7 +152,12 @@ static void round_spans_range(const void *p, int part, int64_t begin, int64_t en
             low = id < low ? id : low;
             high = id > high ? id : high;
         }
-        int64_t *starts = (int64_t *)calloc((size_t)(2 * (high - low + 2)), sizeof(int64_t)), *ends = starts + (high - low + 2);
+        int64_t *starts = (int64_t *)calloc((size_t)(2 * (high - low + 2)), sizeof(int64_t));
+        if (!starts) {
+            __atomic_store_n(&a->error, 3, __ATOMIC_RELAXED);
+            return;
+        }
+        int64_t *ends = starts + (high - low + 2);
         for (int64_t t = 0; t < length; t++) starts[ids[t * a->ps] - low + 1]++;
         for (int64_t k = 0; k <= high - low; k++) starts[k + 1] += starts[k];
         memcpy(ends, starts, sizeof(int64_t) * (size_t)(high - low + 2));

@@ -201,6 +201,9 @@ def round_spans(buckets: torch.Tensor, valid: torch.Tensor | None, chunk: int, b
     buckets (B, H, L) int64, any strides; valid (B, L) bool or None. Returns positions (B, H, L) (the
     sorted items' positions), order (B H L,) (their indices in position order) and the spans' lo, hi,
     skip and has_other (B H L,), as rounds.sort_by_bucket, intervals.bucket_spans and make_spans give them."""
+    if buckets.dtype != torch.int64 or (valid is not None and valid.dtype != torch.bool):
+        raise ValueError(f"round_spans takes int64 buckets and bool validity, got {buckets.dtype} and "
+                         f"{None if valid is None else valid.dtype}")
     batch, heads, length = buckets.shape
     n = batch * heads * length
     positions = torch.empty(batch, heads, length, dtype=torch.int64)
@@ -215,4 +218,6 @@ def round_spans(buckets: torch.Tensor, valid: torch.Tensor | None, chunk: int, b
         raise ValueError("bucket_spans: padding shares a bucket with real items; give it buckets of its own")
     if error == 2:
         raise ValueError("make_spans: an interval reaches beyond the query's window of chunks")
+    if error == 3:
+        raise MemoryError("round_spans: no memory for the counts of the bucket ids")
     return positions, order, lo, hi, skip, has_other

@@ -273,9 +273,9 @@ def _finish_rounds(acc, best, norm, v, out):
 class FusedRound:
     """One round as the compiled core reads it: items in bucket order, their rows read in place.
 
-    positions: (B, H, L) each sorted item's position, order: (N,) its index in (B * H * L) position order;
-    spans: what each query sees;
-    scale: (N,) the sorted items' key scales; q, v: their rows of qk and v (native.Rows)."""
+    positions: (B, H, L) each sorted item's position; order: (N,) its index in (B * H * L) position
+    order; spans: what each query sees; scale: (N,) the sorted items' key scales; q, v: their rows of qk
+    and v (native.Rows)."""
 
     positions: torch.Tensor
     order: torch.Tensor

@@ -206,6 +206,25 @@ def test_huge_page_buffers_are_plain_tensors():
     assert torch.equal(out, torch.full((2, 3, 5), 4.0))
 
 
+@pytest.mark.parametrize("setting,offered", [("always [madvise] never", True), ("always madvise [never]", False)])
+def test_huge_pages_are_asked_for_only_where_the_kernel_offers_them(setting, offered, monkeypatch):
+    from reformer import memory
+
+    class Setting:
+        def __init__(self, path):
+            assert str(path) == "/sys/kernel/mm/transparent_hugepage/enabled"
+
+        def read_text(self):
+            return setting
+
+    monkeypatch.setattr(memory, "Path", Setting)
+    memory._huge_pages_offered.cache_clear()
+    try:
+        assert memory._huge_pages_offered() is (offered and hasattr(memory.mmap, "MADV_HUGEPAGE"))
+    finally:
+        memory._huge_pages_offered.cache_clear()
+
+
 def test_item_rows_refuse_to_write_into_a_copy():
     from reformer.rounds import item_rows
 

@@ -11,8 +11,10 @@ come from here. Elsewhere (other systems, other devices, small sizes) this is pl
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
+from pathlib import Path
 
 import torch
 
@@ -20,8 +22,16 @@ HUGE_PAGE = 2 << 20
 MIN_BYTES = 4 << 20   # smaller buffers stay with torch's allocator
 
 
+@functools.lru_cache(maxsize=1)
 def _huge_pages_offered() -> bool:
-    return hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_ANONYMOUS")
+    """Linux with transparent huge pages "always" or "madvise". Where they are "never", a mapping per
+    buffer would only cost page faults that torch's allocator (glibc's heap) avoids for 4-32 MiB blocks."""
+    if not (hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_ANONYMOUS")):
+        return False
+    try:
+        return "[never]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
 
 
 def empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:

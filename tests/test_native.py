@@ -204,6 +204,10 @@ def test_huge_page_buffers_are_plain_tensors():
     assert big.sum().item() == 2.0 * 1024 * 1024
     out = memory.linear(torch.ones(2, 3, 4), torch.ones(5, 4))
     assert torch.equal(out, torch.full((2, 3, 5), 4.0))
+    x, w = torch.randn(2, 300, 64), torch.randn(32, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # autocast's dtype, as F.linear gives it
+        assert torch.equal(memory.linear(x, w), torch.nn.functional.linear(x, w))
+        assert memory.linear(x, w).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("setting,offered", [("always [madvise] never", True), ("always madvise [never]", False)])

@@ -53,7 +53,10 @@ def empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T (no bias) into a buffer from ``empty``: (..., in) -> (..., out)."""
+    """x @ weight.T (no bias) into a buffer from ``empty``: (..., in) -> (..., out). Under autocast it is
+    F.linear: autocast chooses the dtype (bfloat16), which a buffer given as ``out`` would override."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.nn.functional.linear(x, weight)
     out = empty((*x.shape[:-1], weight.shape[0]), x)
     torch.matmul(x, weight.t(), out=out)
     return out

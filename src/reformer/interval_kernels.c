@@ -191,7 +191,7 @@ int round_spans(int64_t batch, int64_t heads, int64_t length, const int64_t *buc
     RoundSpans a = {heads, length, bs, hs, ps, c, before, after, causal, buckets, valid, positions, order, lo, hi,
                     skip, has_other, 0};
     /* parts write their own sequences' rows */
-    parallel_for(round_spans_range, &a, 0, batch * heads, threads < batch * heads ? threads : (int)(batch * heads));
+    parallel_for(round_spans_range, &a, 0, batch * heads, threads);
     return a.error;
 }
 
@@ -252,11 +252,11 @@ typedef struct {
 } F(Args);
 #define Args F(Args)
 
-/* Rows read by index: item i's row of q starts at q + q_index[i], and so on. Keys are the k rows times
-   k_scale (NULL: 1), backward's d_out the g rows times g_scale. */
+/* Rows read by index: item i's row of q starts at q + q_index[i], and so on. Keys are the q rows times
+   k_scale (NULL: 1) (shared-QK), backward's d_out the g rows times g_scale. */
 typedef struct {
-    const T *q, *k, *v, *g, *k_scale, *g_scale;
-    const int64_t *q_index, *k_index, *v_index, *g_index;
+    const T *q, *v, *g, *k_scale, *g_scale;
+    const int64_t *q_index, *v_index, *g_index;
 } F(Sources);
 #define Sources F(Sources)
 
@@ -642,7 +642,7 @@ void F(interval_forward)(int64_t n, int64_t d, int64_t dv, int64_t c, int64_t wi
     int64_t chunks = n / c, per = F(block_chunks)(c, width), staged = q_index ? F(block_rows)(per, c, width) : 0;
     T *kt = (T *)malloc(sizeof(T) * (size_t)(F(block_panels)(per, c, width) * d * LANES));
     T *stage = (T *)malloc(sizeof(T) * (size_t)(staged * (2 * d + dv) + 1));
-    Sources from = {q, q, v, NULL, k_scale, NULL, q_index, q_index, v_index, NULL};
+    Sources from = {q, v, NULL, k_scale, NULL, q_index, v_index, NULL};
     Args a = {n, d, dv, c, width, pad, q, k, v, NULL, 0, 0, 0, NULL, NULL, lo, hi, skip, NULL, NULL, 0,
               out, lse_out, order, has_other, acc, best, norm, scores, NULL, NULL, NULL, NULL};
     a.kt = kt;
@@ -688,7 +688,7 @@ void F(interval_backward)(int64_t n, int64_t d, int64_t dv, int64_t c, int64_t w
     T *vt = (T *)malloc(sizeof(T) * (size_t)(panels * dv * LANES));
     T *tails[2] = {(T *)malloc(sizeof(T) * (size_t)tail_size), (T *)malloc(sizeof(T) * (size_t)tail_size)};
     T *stage = (T *)malloc(sizeof(T) * (size_t)(staged * (2 * d + dv) + (q_index ? per * c * dv : 0) + 1));
-    Sources from = {q, q, v, g, k_scale, g_scale, q_index, q_index, v_index, g_index};
+    Sources from = {q, v, g, k_scale, g_scale, q_index, v_index, g_index};
     Args a = {n, d, dv, c, width, pad, q, k, v, g, 0, 0, 0, lse, row, lo, hi, skip, NULL, NULL, 0,
               NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, dq, dkp, dvp, NULL};
     a.kt = kt;

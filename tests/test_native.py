@@ -91,6 +91,35 @@ def test_compiled_core_is_deterministic_and_thread_count_only_reorders_sums(comp
         torch.testing.assert_close(a, c, atol=1e-13, rtol=0)
 
 
+def test_kernels_on_torchs_threads_equal_the_kernels_on_threads_of_their_own(compiled, monkeypatch):
+    """Where torch runs on libgomp, the kernels run on its threads (and load no runtime of their own); the
+    build on POSIX threads cuts the same parts, so both give the same numbers, bit for bit."""
+    runtimes = native._openmp_runtimes()
+    if not any("libgomp" in path for path in runtimes):
+        assert compiled.threading == "pthreads"
+        pytest.skip("torch does not run on libgomp here")
+    assert compiled.threading == "openmp"
+    window, spans, q, k, v, d_out, row = _case("bucket", torch.float32, seed=2)
+
+    def run():
+        out, lse, _ = intervals.interval_forward(q, k, v, spans, window)
+        return out, lse, *intervals.interval_backward(q, k, v, spans, window, d_out, row, lse=lse)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        on_torchs = run()
+        native.library.cache_clear()
+        monkeypatch.setattr(native, "THREADING", {"pthreads": native.THREADING["pthreads"]})
+        assert native.library().threading == "pthreads"
+        on_their_own = run()
+    finally:
+        torch.set_num_threads(threads)
+    assert native._openmp_runtimes() == runtimes
+    for name, a, b in zip(("out", "lse", "d_q", "d_k", "d_v"), on_torchs, on_their_own):
+        assert torch.equal(a, b), name
+
+
 def _lsh_layer_case(dtype, length=8192, heads=2, rounds=3, d=64, d_model=32):
     """A layer's input and weights, buckets of 64-item chunks (two padded sequences: the last 100
     positions of the second are padding, in buckets of their own) and the gradient to send back."""

@@ -24,14 +24,15 @@ How it is fast on a CPU without BLAS:
   scatter_gradients adds a round's gradients back in position order. No sorted copy of a head's rows
   goes through memory (layer step A/B: 4K tokens -15%, 16K -10%, 64K -4% time; 20-110 MiB less memory).
 
-Parallel: blocks of chunks one after the other, each cut in contiguous parts over POSIX threads (no
-OpenMP runtime to clash with torch's). Windows overlap, so a part writes the gradient rows of its own
+Parallel: blocks of chunks one after the other, each cut in contiguous parts, run on torch's own OpenMP
+threads where native.py builds with -fopenmp (the loader binds this library to the libgomp torch has
+loaded), else on POSIX threads started per loop. Windows overlap, so a part writes the gradient rows of its own
 chunks and puts its share of the rows after them in a tail buffer, added in a fixed order once every row
 it reaches is written. Results are the same from run to run; the number of threads only changes the
 order of a few sums.
 
-Built by native.py with -O3 -march=native -fopenmp-simd -fno-trapping-math (the simd pragmas without an
-OpenMP runtime; no trapping math so that the loops around exp's conversions vectorise). The file includes
+Built by native.py with -O3 -march=native -fno-trapping-math (no trapping math so that the loops around
+exp's conversions vectorise) and -fopenmp, or -fopenmp-simd (the simd pragmas without a runtime). The file includes
 itself once per element type, with T, NAME, LANES, LOG and EXP defined.
 */
 
@@ -71,10 +72,19 @@ static int part_count(int64_t n, int threads) {
 /* Where part t of [begin, end) cut in `parts` starts. */
 static int64_t part_begin(int64_t begin, int64_t end, int parts, int t) { return begin + (end - begin) * t / parts; }
 
-/* fn over [begin, end) in part_count(end - begin, threads) contiguous parts; the calling thread runs
-   the first. */
+/* fn over [begin, end) in part_count(end - begin, threads) contiguous parts: on the OpenMP runtime's
+   threads (part t is the same range whichever thread runs it), or on POSIX threads, the calling thread
+   running the first. */
 static void parallel_for(range_fn fn, const void *args, int64_t begin, int64_t end, int threads) {
     int parts = part_count(end - begin, threads);
+#ifdef _OPENMP
+    if (parts > 1) {
+        _Pragma("omp parallel for num_threads(parts) schedule(static, 1)")
+        for (int t = 0; t < parts; t++)
+            fn(args, t, part_begin(begin, end, parts, t), part_begin(begin, end, parts, t + 1));
+        return;
+    }
+#endif
     Part part[MAX_THREADS];
     pthread_t ids[MAX_THREADS];
     int started[MAX_THREADS];

@@ -85,7 +85,7 @@ class _ProjectedLSH(torch.autograd.Function):
         h, w_qk, w_v = (t.to(out.dtype) for t in (h_in, w_qk_in, w_v_in))
         batch, d = h.shape[0], w_qk.shape[0] // buckets.shape[1]
         h_rows = h.reshape(-1, h.shape[-1])
-        d_h = torch.zeros_like(h_rows)
+        d_h = memory.empty(h_rows.shape, h_rows)   # written by the first group's product, added to by the rest
         d_w_qk, d_w_v = torch.empty_like(w_qk), torch.empty_like(w_v)
         d_out = d_out.to(out.dtype)
         buffers = None
@@ -108,7 +108,10 @@ class _ProjectedLSH(torch.autograd.Function):
             ctx.kept[i] = None   # free this group's kept rounds now
             # The keys' scale depends on qk too: ds/dqk = -s qk / (d m).
             d_qk.addcmul_((d_scale * scale / (-d * mean_square))[..., None], qk)
-            d_h.addmm_(d_qkv_rows, w_rows)
+            if i == 0:
+                torch.mm(d_qkv_rows, w_rows, out=d_h)
+            else:
+                d_h.addmm_(d_qkv_rows, w_rows)
             d_w_rows = torch.mm(d_qkv_rows.t(), h_rows)
             d_w_qk[rows], d_w_v[rows] = d_w_rows.split(width * d)
         return (d_h.view(h.shape).to(h_in.dtype), d_w_qk.to(w_qk_in.dtype), d_w_v.to(w_v_in.dtype),

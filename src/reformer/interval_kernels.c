@@ -261,6 +261,11 @@ typedef struct {
     T *acc, *best, *norm, *scores;
     /* Backward's: dq by item, dkp and dvp in the padded layout, each part's tail. */
     T *dq, *dkp, *dvp, *tails;
+    /* The last round's combination, finished (final_out not NULL): the result written to the rows of
+       final_out at out_index (by position), with the total normaliser and any_other by position. */
+    T *final_out, *total;
+    const int64_t *out_index;
+    unsigned char *any_other;
 } F(Args);
 #define Args F(Args)
 
@@ -518,11 +523,22 @@ static inline void F(combine)(const Args *a, int64_t i, const T *y, T lse) {
         rescale = EXP(old - top);
         weight = EXP(score - top);
     }
-    T *acc = a->acc + u * a->dv;
-    _Pragma("omp simd") for (int64_t e = 0; e < a->dv; e++) acc[e] = acc[e] * rescale + weight * y[e];
-    a->norm[u] = a->norm[u] * rescale + weight;
-    a->best[u] = top;
+    T *acc = a->acc + u * a->dv, norm = a->norm[u] * rescale + weight;
     a->scores[u] = score;
+    if (a->final_out) {   /* the last round: the result (rounds._finish_rounds), not the accumulator */
+        T *out = a->final_out + a->out_index[u];
+        if (norm > 0) {
+            _Pragma("omp simd") for (int64_t e = 0; e < a->dv; e++) out[e] = (acc[e] * rescale + weight * y[e]) / norm;
+        } else {   /* no round saw another key: the query's own value, exactly (its staged row) */
+            memcpy(out, a->vp + (i + a->pad - a->k0) * a->dv, sizeof(T) * (size_t)a->dv);
+        }
+        a->total[u] = top + LOG(norm);
+        a->any_other[u] = norm > 0;
+        return;
+    }
+    _Pragma("omp simd") for (int64_t e = 0; e < a->dv; e++) acc[e] = acc[e] * rescale + weight * y[e];
+    a->norm[u] = norm;
+    a->best[u] = top;
 }
 
 /* Prefetches what combine will touch for queries [i0, i1). */
@@ -534,6 +550,10 @@ static inline void F(prefetch_combine)(const Args *a, int64_t i0, int64_t i1) {
         __builtin_prefetch(a->best + u, 1);
         __builtin_prefetch(a->norm + u, 1);
         __builtin_prefetch(a->scores + u, 1);
+        if (a->final_out) {
+            const char *out = (const char *)(a->final_out + a->out_index[u]);
+            for (int64_t b = 0; b < a->dv * (int64_t)sizeof(T); b += 64) __builtin_prefetch(out + b, 1);
+        }
     }
 }
 
@@ -649,19 +669,23 @@ static int64_t F(block_rows)(int64_t chunks, int64_t c, int64_t width) { return 
    k and v in the padded layout ((n + width - c) rows), as they lie; else item i's rows by index, the keys
    the q rows times k_scale (k unused), gathered block by block. Outputs: without order, out (n, dv) and
    lse_out (n) by item; with order (each item's position, unique), the round combined into acc
-   (positions, dv), best, norm and scores (positions), and lse_out by item. */
+   (positions, dv), best, norm and scores (positions), and lse_out by item; with final_out too (the
+   last round), the combination finished instead: final_out's rows at out_index (by position) get the
+   result, total and any_other the total normaliser and whether any round saw another key. */
 void F(interval_forward)(int64_t n, int64_t d, int64_t dv, int64_t c, int64_t width, int64_t pad,
                          const T *q, const int64_t *q_index, const T *k, const T *k_scale, const T *v,
                          const int64_t *v_index, const int64_t *lo, const int64_t *hi, const int64_t *skip, T *out,
                          T *lse_out, const int64_t *order, const unsigned char *has_other, T *acc, T *best, T *norm,
-                         T *scores, int threads) {
+                         T *scores, T *final_out, const int64_t *out_index, T *total, unsigned char *any_other,
+                         int threads) {
     int64_t chunks = n / c, per = F(block_chunks)(c, width, threads);
     int64_t staged = q_index ? F(block_rows)(per, c, width) : 0;
     T *kt = (T *)malloc(sizeof(T) * (size_t)(F(block_panels)(per, c, width) * d * LANES));
     T *stage = (T *)malloc(sizeof(T) * (size_t)(staged * (2 * d + dv) + 1));
     Sources from = {q, v, NULL, k_scale, NULL, q_index, v_index, NULL};
     Args a = {n, d, dv, c, width, pad, q, k, v, NULL, 0, 0, 0, NULL, NULL, lo, hi, skip, NULL, NULL, 0,
-              out, lse_out, order, has_other, acc, best, norm, scores, NULL, NULL, NULL, NULL};
+              out, lse_out, order, has_other, acc, best, norm, scores, NULL, NULL, NULL, NULL,
+              final_out, total, out_index, any_other};
     a.kt = kt;
     for (int64_t g0 = 0; g0 < chunks; g0 += per) {
         int64_t g1 = g0 + per < chunks ? g0 + per : chunks;

@@ -92,7 +92,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.round_spans.argtypes = [i64] * 3 + [ptr] + [i64] * 3 + [ptr] + [i64] * 3 + [i32] + [ptr] * 6 + [i32]
     lib.round_spans.restype = i32
     for name in DTYPES.values():
-        for kernel, args in (("interval_forward", [i64] * 6 + [ptr] * 17 + [i32]),
+        for kernel, args in (("interval_forward", [i64] * 6 + [ptr] * 21 + [i32]),
                              ("interval_backward", [i64] * 6 + [ptr] * 17 + [i32]),
                              ("scatter_gradients", [i64] * 4 + [ptr] * 12 + [i32]),
                              ("hash_buckets", [ptr] * 5 + [i64, ptr, i32])):
@@ -165,18 +165,23 @@ def _rows(x: torch.Tensor | Rows) -> tuple[torch.Tensor, torch.Tensor | None, in
     return (x.base, x.index, x.size) if isinstance(x, Rows) else (x, None, x.shape[-1])
 
 
-def forward(q, k, v, spans, chunk: int, width: int, pad: int, lse, out=None, k_scale=None, combine=None) -> None:
+def forward(q, k, v, spans, chunk: int, width: int, pad: int, lse, out=None, k_scale=None, combine=None,
+            finish=None) -> None:
     """Span attention of n items in sorted order (intervals.interval_forward), lse (n,) by item.
 
     Rows as they lie: q (n, d), k and v padded (``pad`` rows in front, n + width - chunk in all). Or by
     index: q and v Rows, k None (shared-QK: the keys are the q rows times k_scale (n,)). Outputs: out
     (n, dv) by item; or, with ``combine`` = (order, has_other, acc, best, norm, scores), the round added
-    to the online softmax over rounds in position order (rounds.heads_forward)."""
+    to the online softmax over rounds in position order (rounds.heads_forward); with ``finish`` =
+    (out Rows by position, total, any_other) too (the last round), the softmax finished: the result
+    into out's rows, the total normaliser and any_other (no round saw another key: out is v) by position."""
     (q, q_index, d), (v, v_index, dv) = _rows(q), _rows(v)
     order, has_other, acc, best, norm, scores = combine or (None,) * 6
+    final_out, total, any_other = finish or (None,) * 3
+    final = (final_out.base, final_out.index) if finish else (None, None)
     _call("interval_forward", lse, (lse.shape[0], d, dv, chunk, width, pad),
           (q, q_index, k, k_scale, v, v_index, spans.lo, spans.hi, spans.skip, out, lse, order, has_other, acc,
-           best, norm, scores))
+           best, norm, scores, *final, total, any_other))
 
 
 def backward(q, k, v, g, spans, chunk: int, width: int, pad: int, lse, row, d_q, d_k, d_v, k_scale=None,

@@ -314,12 +314,17 @@ def _fused_forward(qk, key_scale, v, buckets, valid, band: Band, buffers: RoundB
     acc = buffers.acc.zero_()
     best, norm = qk.new_full((n,), float("-inf")), qk.new_zeros(n)
     scores, lses = qk.new_empty(rounds, n), qk.new_empty(rounds, n)
+    total, any_other = qk.new_empty(n), torch.empty(n, dtype=torch.bool, device=qk.device)
+    # The last round finishes the softmax as it goes (_finish_rounds' result, written into out's rows).
+    by_position = torch.arange(v.shape[2], device=v.device).expand(v.shape[:3])
+    finish = (item_rows(out, by_position, written=True), total, any_other)
     for r in range(rounds):
         items = _fused_round(window, band.causal, qk, key_scale, v, buckets[:, :, r], valid)
         native.forward(items.q, None, items.v, items.spans, c, window.width, window.before * c, lses[r],
-                       k_scale=items.scale, combine=(items.order, items.spans.has_other, acc, best, norm, scores[r]))
-    total, any_other = _finish_rounds(acc, best, norm, v, out)
-    return total, any_other, scores, None, lses, None   # (backward sorts again: no orders kept)
+                       k_scale=items.scale, combine=(items.order, items.spans.has_other, acc, best, norm, scores[r]),
+                       finish=finish if r == rounds - 1 else None)
+    # (backward sorts again: no orders kept)
+    return total.view(v.shape[:3]), any_other.view(v.shape[:3]), scores, None, lses, None
 
 
 def heads_backward(qk, key_scale, v, buckets, valid, out, total, any_other, scores, orders, lses, d_out,

@@ -268,6 +268,32 @@ def test_item_rows_refuse_to_write_into_a_copy():
         item_rows(x, positions, written=True)
 
 
+def test_item_rows_reuse_the_index_of_rows_laid_out_alike():
+    """Side by side in one buffer (the backward's qk|v rows), two heads' tensors share their rows' offsets;
+    a tensor laid out otherwise, or one that is not in place, gets its own."""
+    from reformer.rounds import heads_rows, item_rows
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(2 * 10, 2 * 3 * 4, generator=g)            # (B L, [qk | v] of 3 heads x 4)
+    qk, v = (heads_rows(part, 2, 3) for part in rows.split(12, dim=1))
+    positions = torch.stack([torch.randperm(10, generator=g) for _ in range(6)]).view(2, 3, 10)
+    want = v.gather(2, positions[..., None].expand(-1, -1, -1, 4)).reshape(-1, 4)
+
+    def read(r):
+        return r.base.flatten()[r.index[:, None] + torch.arange(4)]
+
+    q_rows = item_rows(qk, positions)
+    v_rows = item_rows(v, positions, like=(qk, q_rows))
+    assert v_rows.index is q_rows.index
+    assert torch.equal(read(v_rows), want)
+    other = v.contiguous()                                         # another layout: an index of its own
+    assert item_rows(other, positions, like=(qk, q_rows)).index is not q_rows.index
+    assert torch.equal(read(item_rows(other, positions, like=(qk, q_rows))), want)
+    copied = torch.zeros(2, 3, 10, 8)[..., ::2]                    # not in place: never borrows an index
+    copied_rows = item_rows(copied, positions)
+    assert item_rows(copied, positions, like=(copied, copied_rows)).index is not copied_rows.index
+
+
 def test_native_can_be_switched_off(monkeypatch):
     native.library.cache_clear()
     monkeypatch.setenv("REFORMER_NATIVE", "0")

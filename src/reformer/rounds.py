@@ -39,6 +39,18 @@ def _row_index(index: torch.Tensor, length: int) -> torch.Tensor:
     return (index + offsets.view(index.shape[0], index.shape[1], 1)).flatten()
 
 
+def _storage_view(x: torch.Tensor) -> torch.Tensor | None:
+    """x (batch, heads, length, d) as a (rows, d) view of the rows of its storage it spans, or None when
+    its items are not whole rows."""
+    d = x.shape[-1]
+    if x.numel() == 0 or x.stride(-1) != 1 or x.storage_offset() % d or any(s % d for s in x.stride()[:3]):
+        return None
+    # The rows x spans, and no more: a view of the whole storage would overlap other tensors carved
+    # from it (RoundBuffers), and index_select refuses to write into memory its input overlaps.
+    span = 1 + sum((size - 1) * stride for size, stride in zip(x.shape[:3], x.stride()[:3])) // d
+    return x.as_strided((span, d), (d, 1), x.storage_offset())
+
+
 def storage_rows(x: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """x (batch, heads, length, d) as rows of its storage: a (rows, d) view, and the row numbers of the
     items at ``index`` (batch, heads, m) positions, (batch, heads, m); None when x's items are not
@@ -47,13 +59,10 @@ def storage_rows(x: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, to
     Covers contiguous tensors, split_heads' (batch, length, heads, d) layout and head slices or narrowed
     lengths of either, so that rows can be read from, and gradients written into, memory in place.
     """
-    d = x.shape[-1]
-    if x.numel() == 0 or x.stride(-1) != 1 or x.storage_offset() % d or any(s % d for s in x.stride()[:3]):
+    flat = _storage_view(x)
+    if flat is None:
         return None
-    # The rows x spans, and no more: a view of the whole storage would overlap other tensors carved
-    # from it (RoundBuffers), and index_select refuses to write into memory its input overlaps.
-    span = 1 + sum((size - 1) * stride for size, stride in zip(x.shape[:3], x.stride()[:3])) // d
-    flat = x.as_strided((span, d), (d, 1), x.storage_offset())
+    d = x.shape[-1]
     batch, heads = (torch.arange(size, device=x.device) * (stride // d)
                     for size, stride in zip(x.shape[:2], x.stride()[:2]))
     start = batch[:, None, None] + heads[None, :, None]
@@ -285,9 +294,16 @@ class FusedRound:
     v: native.Rows
 
 
-def item_rows(x: torch.Tensor, positions: torch.Tensor, written: bool = False) -> native.Rows:
+def item_rows(x: torch.Tensor, positions: torch.Tensor, written: bool = False,
+              like: tuple[torch.Tensor, native.Rows] | None = None) -> native.Rows:
     """The rows of x (B, H, L, d) at positions (B, H, L), in place where ``storage_rows`` covers x's layout
-    (else in a copy, unless the rows are ``written``: then x must be covered)."""
+    (else in a copy, unless the rows are ``written``: then x must be covered). ``like`` = (y, y's rows at
+    the same positions): where x and y are laid out alike (shape and strides) and both in place, their
+    rows lie at the same offsets, and y's index serves x (no index arithmetic over every item again)."""
+    if like is not None and x.shape == like[0].shape and x.stride() == like[0].stride():
+        flat, other = _storage_view(x), _storage_view(like[0])
+        if flat is not None and other is not None:
+            return native.Rows(flat, like[1].index, x.shape[-1])
     rows = storage_rows(x, positions)
     if rows is None:
         if written:
@@ -302,8 +318,9 @@ def _fused_round(window: Window, causal: bool, qk, key_scale, v, buckets, valid)
     the sort and spans in one compiled pass (a counting sort by bucket)."""
     positions, order, lo, hi, skip, has_other = native.round_spans(buckets, valid, window.chunk_length,
                                                                    window.before, window.after, causal)
+    q_rows = item_rows(qk, positions)
     return FusedRound(positions, order, Spans(lo, hi, skip, None, has_other),
-                      key_scale.reshape(-1).index_select(0, order), item_rows(qk, positions), item_rows(v, positions))
+                      key_scale.reshape(-1).index_select(0, order), q_rows, item_rows(v, positions, like=(qk, q_rows)))
 
 
 def _fused_forward(qk, key_scale, v, buckets, valid, band: Band, buffers: RoundBuffers, out):
@@ -388,7 +405,8 @@ def _fused_backward(qk, key_scale, v, buckets, valid, total, any_other, scores, 
         native.backward(items.q, None, items.v, item_rows(d_out, positions), items.spans, c, window.width,
                         window.before * c, lses[r], row, *grads, k_scale=items.scale, g_scale=weight)
         native.scatter_gradients(items.q, items.scale, items.order, window.before * c, *grads,
-                                 item_rows(d_qk, positions, written=True), item_rows(d_v, positions, written=True),
+                                 item_rows(d_qk, positions, written=True, like=(qk, items.q)),
+                                 item_rows(d_v, positions, written=True, like=(v, items.v)),
                                  scale_grad)
 
 

@@ -190,9 +190,11 @@ def test_compiled_hashing_equals_the_eager_hashing(n_buckets, dtype, compiled, m
 
 
 @pytest.mark.parametrize("causal,window", [(True, Window(5, 2, 0)), (False, Window(4, 1, 1)), (True, Window(8, 1, 0))])
-def test_compiled_round_sort_and_spans_equal_the_eager_ones(causal, window, compiled):
+@pytest.mark.parametrize("sequences", ["all", "one"])
+def test_compiled_round_sort_and_spans_equal_the_eager_ones(causal, window, sequences, compiled):
     """native.round_spans (a counting sort per sequence, spans in the same pass) against sort_by_bucket,
-    bucket_spans and make_spans, with padding in buckets of its own, on a strided view of the buckets."""
+    bucket_spans and make_spans, with padding in buckets of its own, on a strided view of the buckets:
+    six sequences (one per thread at a time), and one (sorted on one thread, its spans on all)."""
     from reformer.rounds import _row_index, sort_by_bucket, sorted_validity
 
     g = torch.Generator().manual_seed(0)
@@ -201,20 +203,27 @@ def test_compiled_round_sort_and_spans_equal_the_eager_ones(causal, window, comp
     buckets[1, :, :, length - 30:] = 7                       # padding, ids below the real ones
     valid = torch.ones(batch, length, dtype=torch.bool)
     valid[1, length - 30:] = False
+    if sequences == "one":                                   # the padded row's first head
+        buckets, valid = buckets[1:, :1], valid[1:]
     one_round = buckets[:, :, 1]                             # (B, H, L) view with the rounds' strides
-    positions, order, lo, hi, skip, has_other = native.round_spans(one_round, valid, window.chunk_length,
-                                                                   window.before, window.after, causal)
-    _, want_positions, sorted_buckets = sort_by_bucket(one_round[:, :, None])
-    want = bucket_spans(window, sorted_buckets.flatten(), length, causal,
-                        sorted_validity(valid, want_positions).flatten())
-    assert torch.equal(positions, want_positions)
-    assert torch.equal(order, _row_index(want_positions, length))
-    for name, have, expected in (("lo", lo, want.lo), ("hi", hi, want.hi), ("skip", skip, want.skip),
-                                 ("has_other", has_other, want.has_other)):
-        assert torch.equal(have, expected), name
-    buckets[1, :, 1, length - 1] = 50                         # a padding item in a real item's bucket
-    with pytest.raises(ValueError, match="padding shares a bucket"):
-        native.round_spans(buckets[:, :, 1], valid, window.chunk_length, window.before, window.after, causal)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        positions, order, lo, hi, skip, has_other = native.round_spans(one_round, valid, window.chunk_length,
+                                                                       window.before, window.after, causal)
+        _, want_positions, sorted_buckets = sort_by_bucket(one_round[:, :, None])
+        want = bucket_spans(window, sorted_buckets.flatten(), length, causal,
+                            sorted_validity(valid, want_positions).flatten())
+        assert torch.equal(positions, want_positions)
+        assert torch.equal(order, _row_index(want_positions, length))
+        for name, have, expected in (("lo", lo, want.lo), ("hi", hi, want.hi), ("skip", skip, want.skip),
+                                     ("has_other", has_other, want.has_other)):
+            assert torch.equal(have, expected), name
+        buckets[-1, :, 1, length - 1] = 50                    # a padding item in a real item's bucket
+        with pytest.raises(ValueError, match="padding shares a bucket"):
+            native.round_spans(buckets[:, :, 1], valid, window.chunk_length, window.before, window.after, causal)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_huge_page_buffers_are_plain_tensors():

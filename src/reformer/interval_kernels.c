@@ -150,50 +150,85 @@ typedef struct {
     int error;
 } RoundSpans;
 
+typedef struct {
+    int64_t *starts, *ends;   /* where each bucket's items begin and end in the sorted sequence */
+    int64_t low;              /* the smallest bucket id (bucket k above it counts at starts[k - low]) */
+} SequenceSort;
+
+/* Sequence s's counting sort: the positions of its items in bucket order (stable), and each bucket's
+   bounds. Returns 0, or 3 where the counts find no memory. */
+static int sort_sequence(const RoundSpans *a, int64_t sequence, SequenceSort *sort) {
+    int64_t length = a->length, b = sequence / a->heads, h = sequence % a->heads, base = sequence * length;
+    const int64_t *ids = a->buckets + b * a->bs + h * a->hs;
+    int64_t low = ids[0], high = ids[0];
+    for (int64_t t = 1; t < length; t++) {
+        int64_t id = ids[t * a->ps];
+        low = id < low ? id : low;
+        high = id > high ? id : high;
+    }
+    int64_t *starts = (int64_t *)calloc((size_t)(2 * (high - low + 2)), sizeof(int64_t));
+    if (!starts) return 3;
+    int64_t *ends = starts + (high - low + 2);
+    for (int64_t t = 0; t < length; t++) starts[ids[t * a->ps] - low + 1]++;
+    for (int64_t k = 0; k <= high - low; k++) starts[k + 1] += starts[k];
+    memcpy(ends, starts, sizeof(int64_t) * (size_t)(high - low + 2));
+    for (int64_t t = 0; t < length; t++) a->positions[base + ends[ids[t * a->ps] - low]++] = t;
+    *sort = (SequenceSort){starts, ends, low};
+    return 0;
+}
+
+/* Order and spans of sorted items [k0, k1) of sequence s, given its sort. */
+static void sequence_spans(RoundSpans *a, int64_t sequence, const SequenceSort *sort, int64_t k0, int64_t k1) {
+    int64_t length = a->length, c = a->c, width = (a->before + 1 + a->after) * c, base = sequence * length;
+    int64_t b = sequence / a->heads, h = sequence % a->heads;
+    const int64_t *ids = a->buckets + b * a->bs + h * a->hs, *starts = sort->starts, *ends = sort->ends;
+    const unsigned char *valid = a->valid ? a->valid + b * length : NULL;
+    for (int64_t k = k0; k < k1; k++) {
+        int64_t i = base + k, t = a->positions[i], bucket = ids[t * a->ps] - sort->low;
+        a->order[i] = base + t;
+        if (valid && k > starts[bucket] && valid[t] != valid[a->positions[i - 1]]) __atomic_store_n(&a->error, 1, __ATOMIC_RELAXED);
+        int64_t lo = base + starts[bucket] > i - a->before * c ? base + starts[bucket] : i - a->before * c, hi;
+        if (a->causal) hi = i;
+        else hi = base + ends[bucket] < i + a->after * c + 1 ? base + ends[bucket] : i + a->after * c + 1;
+        if (valid && !valid[t]) hi = lo;
+        int64_t first = (i / c - a->before) * c, own = i - first;
+        lo -= first;
+        hi = hi - first > lo ? hi - first : lo;
+        if (lo < 0 || hi > width) __atomic_store_n(&a->error, 2, __ATOMIC_RELAXED);
+        int self_inside = lo <= own && own < hi, has_other = hi - lo - self_inside > 0;
+        a->lo[i] = has_other ? lo : own;
+        a->hi[i] = has_other ? hi : own + 1;
+        a->skip[i] = has_other && self_inside ? own : -1;
+        a->has_other[i] = (unsigned char)has_other;
+    }
+}
+
+/* Whole sequences [begin, end). */
 static void round_spans_range(const void *p, int part, int64_t begin, int64_t end) {
     RoundSpans *a = (RoundSpans *)p;
-    int64_t length = a->length, c = a->c, width = (a->before + 1 + a->after) * c;
     (void)part;
     for (int64_t sequence = begin; sequence < end; sequence++) {
-        int64_t b = sequence / a->heads, h = sequence % a->heads, base = sequence * length;
-        const int64_t *ids = a->buckets + b * a->bs + h * a->hs;
-        const unsigned char *valid = a->valid ? a->valid + b * length : NULL;
-        int64_t low = ids[0], high = ids[0];
-        for (int64_t t = 1; t < length; t++) {
-            int64_t id = ids[t * a->ps];
-            low = id < low ? id : low;
-            high = id > high ? id : high;
-        }
-        int64_t *starts = (int64_t *)calloc((size_t)(2 * (high - low + 2)), sizeof(int64_t));
-        if (!starts) {
+        SequenceSort sort;
+        if (sort_sequence(a, sequence, &sort)) {
             __atomic_store_n(&a->error, 3, __ATOMIC_RELAXED);
             return;
         }
-        int64_t *ends = starts + (high - low + 2);
-        for (int64_t t = 0; t < length; t++) starts[ids[t * a->ps] - low + 1]++;
-        for (int64_t k = 0; k <= high - low; k++) starts[k + 1] += starts[k];
-        memcpy(ends, starts, sizeof(int64_t) * (size_t)(high - low + 2));
-        for (int64_t t = 0; t < length; t++) a->positions[base + ends[ids[t * a->ps] - low]++] = t;
-        for (int64_t k = 0; k < length; k++) {
-            int64_t i = base + k, t = a->positions[i], bucket = ids[t * a->ps] - low;
-            a->order[i] = base + t;
-            if (valid && k > starts[bucket] && valid[t] != valid[a->positions[i - 1]]) __atomic_store_n(&a->error, 1, __ATOMIC_RELAXED);
-            int64_t lo = base + starts[bucket] > i - a->before * c ? base + starts[bucket] : i - a->before * c, hi;
-            if (a->causal) hi = i;
-            else hi = base + ends[bucket] < i + a->after * c + 1 ? base + ends[bucket] : i + a->after * c + 1;
-            if (valid && !valid[t]) hi = lo;
-            int64_t first = (i / c - a->before) * c, own = i - first;
-            lo -= first;
-            hi = hi - first > lo ? hi - first : lo;
-            if (lo < 0 || hi > width) __atomic_store_n(&a->error, 2, __ATOMIC_RELAXED);
-            int self_inside = lo <= own && own < hi, has_other = hi - lo - self_inside > 0;
-            a->lo[i] = has_other ? lo : own;
-            a->hi[i] = has_other ? hi : own + 1;
-            a->skip[i] = has_other && self_inside ? own : -1;
-            a->has_other[i] = (unsigned char)has_other;
-        }
-        free(starts);
+        sequence_spans(a, sequence, &sort, 0, a->length);
+        free(sort.starts);
     }
+}
+
+typedef struct {
+    RoundSpans *a;
+    int64_t sequence;
+    const SequenceSort *sort;
+} SequenceItems;
+
+/* Sorted items [begin, end) of one sequence. */
+static void sequence_items_range(const void *p, int part, int64_t begin, int64_t end) {
+    const SequenceItems *s = (const SequenceItems *)p;
+    (void)part;
+    sequence_spans(s->a, s->sequence, s->sort, begin, end);
 }
 
 int round_spans(int64_t batch, int64_t heads, int64_t length, const int64_t *buckets, int64_t bs, int64_t hs,
@@ -202,8 +237,19 @@ int round_spans(int64_t batch, int64_t heads, int64_t length, const int64_t *buc
                 unsigned char *has_other, int threads) {
     RoundSpans a = {heads, length, bs, hs, ps, c, before, after, causal, buckets, valid, positions, order, lo, hi,
                     skip, has_other, 0};
-    /* parts write their own sequences' rows */
-    parallel_for(round_spans_range, &a, 0, batch * heads, threads);
+    if (batch * heads >= threads) {   /* parts write their own sequences' rows */
+        parallel_for(round_spans_range, &a, 0, batch * heads, threads);
+        return a.error;
+    }
+    /* Fewer sequences than threads (one head at a time at long lengths): each sorted on one thread, then
+       its items' spans in parallel (they are most of the work). */
+    for (int64_t sequence = 0; sequence < batch * heads; sequence++) {
+        SequenceSort sort;
+        if (sort_sequence(&a, sequence, &sort)) return 3;
+        SequenceItems items = {&a, sequence, &sort};
+        parallel_for(sequence_items_range, &items, 0, length, threads);
+        free(sort.starts);
+    }
     return a.error;
 }
 

@@ -24,12 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import memory
 from .banded import Band, banded_attention
 from .config import ReformerConfig
 from .hashing import derive_seed, draw_rotations, hash_vectors, total_buckets
 from .intervals import Window, interval_attention, local_spans
-from .lsh_projected import lsh_attention_projected
+from .lsh_projected import lsh_attention_projected, project_qk_v
 from .rounds import gather_items, sort_by_bucket, sorted_validity, unsort
 
 
@@ -144,11 +143,11 @@ class LSHSelfAttention(nn.Module):
         if self.band.same_bucket:
             # Rounds never mix in the bucket window: attend them one at a time, projecting inside
             # (lsh_projected.py); the queries computed here only feed the hashing.
-            with torch.no_grad():   # (on huge pages: the compiled core reads these rows in bucket order)
-                qk = split_heads(memory.linear(x, self.qk.weight), self.n_heads)    # (B, H, L, d)
+            # (On huge pages: the compiled core reads these rows in bucket order.)
+            qk, v = project_qk_v(x, self.qk.weight, self.v.weight, self.n_heads)   # (B, H, L, d) each
             buckets = hash_with_padding(qk, self.rotations(n_hashes), self.n_buckets, key_valid)
             out = lsh_attention_projected(x, self.qk.weight, self.v.weight, qk, buckets, self.band, key_valid,
-                                          self.dropout, self.training)
+                                          self.dropout, self.training, v=v)
             return self.out(merge_heads(out))[:, :length]
 
         qk = split_heads(self.qk(x), self.n_heads)            # (B, H, L, d)

@@ -27,6 +27,19 @@ def key_scale(qk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.rsqrt(mean_square) / math.sqrt(qk.shape[-1]), mean_square
 
 
+def project_qk_v(h: torch.Tensor, w_qk: torch.Tensor, w_v: torch.Tensor, heads: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """h's queries and values, (batch, heads, length, d) each (no autograd: forward's, for hashing and the
+    rounds), from one product whose rows hold each head's query next to its value: one product of twice
+    the width costs less than two, and the rounds read a head's query and value rows as one piece."""
+    d_model = h.shape[-1]
+    w = torch.stack([w_qk.view(heads, -1, d_model), w_v.view(heads, -1, d_model)], dim=1).flatten(0, 2)
+    with torch.no_grad():
+        rows = memory.linear(h, w)                                   # (B, L, heads * 2 d)
+    pairs = rows.view(*h.shape[:2], heads, 2, -1).transpose(1, 2)   # (B, heads, L, 2, d)
+    return pairs[..., 0, :], pairs[..., 1, :]
+
+
 KEEP_ROUNDS_BYTES = 128 << 20   # forward keeps the rounds' sorted rows and probabilities up to this
 
 
@@ -55,9 +68,10 @@ class _ProjectedLSH(torch.autograd.Function):
     # when backward projects again (autocast is off there); gradients go back in the inputs' dtypes.
 
     @staticmethod
-    def forward(ctx, h, w_qk, w_v, qk, buckets, valid, band, dropout, seed, keep):
+    def forward(ctx, h, w_qk, w_v, qk, v, buckets, valid, band, dropout, seed, keep):
         heads = buckets.shape[1]
-        v = heads_rows(memory.linear(h.to(qk.dtype), w_v.to(qk.dtype)), h.shape[0], heads)
+        if v is None:
+            v = heads_rows(memory.linear(h.to(qk.dtype), w_v.to(qk.dtype)), h.shape[0], heads)
         scale, _ = key_scale(qk)
         out = heads_last(v)
         total = qk.new_empty(scale.shape)
@@ -115,17 +129,19 @@ class _ProjectedLSH(torch.autograd.Function):
             d_w_rows = torch.mm(d_qkv_rows.t(), h_rows)
             d_w_qk[rows], d_w_v[rows] = d_w_rows.split(width * d)
         return (d_h.view(h.shape).to(h_in.dtype), d_w_qk.to(w_qk_in.dtype), d_w_v.to(w_v_in.dtype),
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def lsh_attention_projected(h: torch.Tensor, w_qk: torch.Tensor, w_v: torch.Tensor, qk: torch.Tensor,
                             buckets: torch.Tensor, band: Band, key_valid: torch.Tensor | None = None,
-                            dropout: float = 0.0, training: bool = False) -> torch.Tensor:
+                            dropout: float = 0.0, training: bool = False, v: torch.Tensor | None = None
+                            ) -> torch.Tensor:
     """Shared-QK LSH attention with a "bucket" window from the layer input, rounds one at a time.
 
     h: (batch, length, d_model), length a multiple of the chunk; w_qk, w_v: (heads * d_head, d_model)
     projection weights; qk: (batch, heads, length, d_head), h's queries as already projected for
-    hashing (used in forward, not stored). buckets: (batch, heads, rounds, length), unique across
+    hashing (used in forward, not stored); v: the values as projected alike, or None (projected here).
+    buckets: (batch, heads, rounds, length), unique across
     rounds, padding in buckets of its own (``hash_with_padding``). key_valid: (batch, length) or None.
     Returns (batch, heads, length, d_head), stored as (batch, length, heads, d_head).
     """
@@ -137,5 +153,5 @@ def lsh_attention_projected(h: torch.Tensor, w_qk: torch.Tensor, w_v: torch.Tens
     # The compiled core recomputes a round's scores from its spans alone: keeping probabilities (an eager
     # core trade) is not worth their memory there.
     keep = differentiable and _keep_rounds(qk, buckets.shape[2], band) and not native_core(qk, dropout)
-    return _ProjectedLSH.apply(h, w_qk, w_v, qk.detach(), buckets, key_valid, band, dropout,
-                               dropout_seed() if dropout else 0, keep)
+    return _ProjectedLSH.apply(h, w_qk, w_v, qk.detach(), None if v is None else v.detach(), buckets, key_valid,
+                               band, dropout, dropout_seed() if dropout else 0, keep)

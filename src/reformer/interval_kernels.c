@@ -26,14 +26,14 @@ How it is fast on a CPU without BLAS:
 
 Parallel: blocks of chunks one after the other, each cut in contiguous parts, run on torch's own OpenMP
 threads where native.py builds with -fopenmp (the loader binds this library to the libgomp torch has
-loaded), else on POSIX threads started per loop. Windows overlap, so a part writes the gradient rows of its own
-chunks and puts its share of the rows after them in a tail buffer, added in a fixed order once every row
-it reaches is written. Results are the same from run to run; the number of threads only changes the
+loaded), else on POSIX threads started per loop. Windows overlap, so a part writes the gradient rows of
+its own chunks and puts its share of the rows after them in a tail buffer, added in a fixed order once
+every row it reaches is written. Results are the same from run to run; the number of threads only changes the
 order of a few sums.
 
 Built by native.py with -O3 -march=native -fno-trapping-math (no trapping math so that the loops around
-exp's conversions vectorise) and -fopenmp, or -fopenmp-simd (the simd pragmas without a runtime). The file includes
-itself once per element type, with T, NAME, LANES, LOG and EXP defined.
+exp's conversions vectorise) and -fopenmp, or -fopenmp-simd (the simd pragmas without a runtime). The
+file includes itself once per element type, with T, NAME, LANES, LOG and EXP defined.
 */
 
 #ifndef T   /* first pass: what every element type shares, then the kernels per type */

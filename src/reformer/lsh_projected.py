@@ -141,8 +141,8 @@ def lsh_attention_projected(h: torch.Tensor, w_qk: torch.Tensor, w_v: torch.Tens
     h: (batch, length, d_model), length a multiple of the chunk; w_qk, w_v: (heads * d_head, d_model)
     projection weights; qk: (batch, heads, length, d_head), h's queries as already projected for
     hashing (used in forward, not stored); v: the values as projected alike, or None (projected here).
-    buckets: (batch, heads, rounds, length), unique across
-    rounds, padding in buckets of its own (``hash_with_padding``). key_valid: (batch, length) or None.
+    buckets: (batch, heads, rounds, length), unique across rounds, padding in buckets of its own
+    (``hash_with_padding``). key_valid: (batch, length) or None.
     Returns (batch, heads, length, d_head), stored as (batch, length, heads, d_head).
     """
     if band.wrap or not band.same_bucket:

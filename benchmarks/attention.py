@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
 
-from reformer.experiments.speed import hf_n_buckets, measure
+from reformer.experiments.speed import hf_n_buckets, measure, peak_rss_mib
 
 D_MODEL, HEADS, D_HEAD, HASHES, CHUNK = 256, 4, 64, 4, 64
 IMPLEMENTATIONS = ("ours-bucket", "ours-chunk", "ours-local", "hf", "lucidrains", "sdpa")
@@ -108,7 +107,7 @@ def child(impl: str, length: int) -> None:
         start = time.perf_counter()
         layer(x).sum().backward()
         seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mib()
     ceiling = matmul_ceiling() / 1e9   # after the peak is read: its 48 MiB must not count
     print(json.dumps({"implementation": impl, "length": length, "seconds": seconds, "peak_rss_mib": peak,
                       "ceiling_gflops": ceiling}))

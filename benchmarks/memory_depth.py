@@ -21,7 +21,7 @@ import os
 import resource
 import sys
 
-from reformer.experiments.speed import measure
+from reformer.experiments.speed import measure, peak_rss_mib
 
 
 def rss_mib() -> float:
@@ -45,7 +45,7 @@ def child(depth: int, length: int, reversible: bool) -> None:
     start = time.perf_counter()
     model.loss(x).backward()
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mib()
     print(json.dumps({"depth": depth, "reversible": reversible, "length": length,
                       "peak_above_baseline_mib": round(peak - base, 1), "seconds": round(seconds, 3)}))
 

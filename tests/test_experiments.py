@@ -104,3 +104,17 @@ def test_full_attention_overrides_make_lsh_layers_attend_to_every_earlier_positi
     with torch.no_grad():
         torch.testing.assert_close(layer(x), full_shared_qk_attention(layer, x, causal=True),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_a_childs_peak_memory_is_its_own_not_its_parents():
+    """The benchmarks measure each point in a child process: its peak must not start at the parent's."""
+    from reformer.experiments.speed import peak_rss_mib
+
+    ballast = bytearray(600 << 20)
+    memoryview(ballast)[::4096] = b"\1" * (len(ballast) // 4096)   # touch every page
+    parent = peak_rss_mib()
+    assert parent >= 600
+    child = subprocess.run([sys.executable, "-c", "from reformer.experiments.speed import peak_rss_mib; "
+                            "print(peak_rss_mib())"], capture_output=True, text=True, check=True)
+    assert float(child.stdout) < parent - 300, (child.stdout, parent)
+    del ballast

@@ -141,9 +141,9 @@ class LSHSelfAttention(nn.Module):
         length = x.shape[1]
         x, key_valid = pad_to_multiple(x, key_valid, self.band.chunk_length)
         if self.band.same_bucket:
-            # Rounds never mix in the bucket window: attend them one at a time, projecting inside
-            # (lsh_projected.py); the queries computed here only feed the hashing.
-            # (On huge pages: the compiled core reads these rows in bucket order.)
+            # Rounds never mix in the bucket window: attend them one at a time (lsh_projected.py). The
+            # queries and values projected here feed the hashing and forward's rounds, and are not stored:
+            # backward projects again. (On huge pages: the compiled core reads these rows in bucket order.)
             qk, v = project_qk_v(x, self.qk.weight, self.v.weight, self.n_heads)   # (B, H, L, d) each
             buckets = hash_with_padding(qk, self.rotations(n_hashes), self.n_buckets, key_valid)
             out = lsh_attention_projected(x, self.qk.weight, self.v.weight, qk, buckets, self.band, key_valid,

@@ -29,9 +29,9 @@ def test_the_compiled_core_is_built_where_a_compiler_exists(compiled):
 
 
 def _case(kind: str, dtype, seed: int = 0):
-    """Spans, rows and gradients of a bucket-window round (chunk 32, 4 sorted sequences of 3,072: three
-    blocks of 4,096 rows) or of local attention (chunk 5, one chunk before and after, d 7, d_v 3: no
-    whole vectors)."""
+    """Spans, rows and gradients of a bucket-window round (chunk 32, 4 sorted sequences of 3,072: each
+    thread's part several sub-blocks of 512 rows) or of local attention (chunk 5, one chunk before and
+    after, d 7, d_v 3: no whole vectors)."""
     g = torch.Generator().manual_seed(seed)
     if kind == "bucket":
         window, length, sequences, d, d_v = Window(32, 2, 0), 3072, 4, 64, 64
@@ -140,9 +140,10 @@ def _lsh_layer_case(dtype, length=8192, heads=2, rounds=3, d=64, d_model=32):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-11), (torch.float32, 1e-5)])
 def test_fused_rounds_equal_the_eager_rounds(causal, dtype, tolerance, compiled, monkeypatch):
-    """The LSH layer's rounds on the compiled core, which gathers the rows of each round itself (several
-    blocks, head groups of one) and combines the rounds in position order, against the eager rounds:
-    output and the gradients of the input and both weights."""
+    """The LSH layer's rounds on the compiled core, which gathers the rows of each round itself (each
+    thread's part several sub-blocks, the window rows they share carried over; head groups of one) and
+    combines the rounds in position order, against the eager rounds: output and the gradients of the
+    input and both weights."""
     from reformer import lsh_projected, rounds
     from reformer.attention import split_heads
     from reformer.banded import Band

@@ -13,23 +13,26 @@ fallback of make_spans), so every normaliser is positive.
 How it is fast on a CPU without BLAS:
 - Scores are vectors over columns, not dot products: keys are transposed into panels of one vector of
   rows each ((d, LANES) blocks), so q_i . k for LANES consecutive keys is d multiply-adds of whole
-  vectors, QB queries x 2 vectors of keys in registers, no horizontal sums. Panels are made a block of
-  rows at a time (BLOCK_ROWS_PER_THREAD per thread), so they stay small and in cache.
+  vectors, QB queries x 2 vectors of keys in registers, no horizontal sums. Panels are made a sub-block of
+  rows at a time (BLOCK_ROWS_PER_THREAD), so they stay small and in cache.
 - exp is a vectorisable polynomial (float32), the row sums and maxima are simd reductions.
 - Weighted sums of value (or key) rows run two queries at a time, eight vector accumulators.
 - Backward gathers dk and dv of a chunk's window in a tile, then adds it to the rows.
-- LSH rounds (rounds.py) pass their rows by index instead of sorted copies: each block's rows are
+- LSH rounds (rounds.py) pass their rows by index instead of sorted copies: each sub-block's rows are
   gathered into buffers that stay in cache (keys scaled on the way, reads prefetched a few rows ahead),
   forward adds each query's result straight into the online softmax over rounds in position order, and
   scatter_gradients adds a round's gradients back in position order. No sorted copy of a head's rows
   goes through memory (layer step A/B: 4K tokens -15%, 16K -10%, 64K -4% time; 20-110 MiB less memory).
 
-Parallel: blocks of chunks one after the other, each cut in contiguous parts, run on torch's own OpenMP
-threads where native.py builds with -fopenmp (the loader binds this library to the libgomp torch has
-loaded), else on POSIX threads started per loop. Windows overlap, so a part writes the gradient rows of
+Parallel: the chunks are cut in contiguous parts, one per thread, on torch's own OpenMP threads where
+native.py builds with -fopenmp (the loader binds this library to the libgomp torch has loaded), else on
+POSIX threads started per call. A part works through its chunks a sub-block at a time in buffers of its
+own (the window rows a sub-block shares with the one before are moved, not gathered again), so the
+threads meet once per call, not once per block (4 barriers per block of 1,024 rows before: backward
+per head at 64K tokens 203-239 vs 216-240 ms). Windows overlap, so a part writes the gradient rows of
 its own chunks and puts its share of the rows after them in a tail buffer, added in a fixed order once
-every row it reaches is written. Results are the same from run to run; the number of threads only changes the
-order of a few sums.
+every part is done. Results are the same from run to run; the number of threads only changes the order
+of a few sums.
 
 Built by native.py with -O3 -march=native -fno-trapping-math (no trapping math so that the loops around
 exp's conversions vectorise) and -fopenmp, or -fopenmp-simd (the simd pragmas without a runtime). The
@@ -103,10 +106,10 @@ static void parallel_for(range_fn fn, const void *args, int64_t begin, int64_t e
     }
 }
 
-/* Rows of keys per block and thread: the kernels gather, transpose and attend the chunks a block at a
-   time, so that each thread's share of the block's rows (gathered rows, transposed keys and values,
-   about 1 MiB at d = 64) stays in its core's L2 cache. At 64K tokens on 2 cores, blocks of 1,024 rows
-   made the LSH rounds' kernels 10-15% faster than blocks of 4,096 (which spilled to L3). */
+/* Rows of queries per sub-block: a thread gathers, transposes and attends its chunks a sub-block at a
+   time, so that the sub-block's rows (gathered rows, transposed keys and values, about 1 MiB at d = 64)
+   stay in its core's L2 cache. At 64K tokens on 2 cores, 512 rows per thread made the LSH rounds' kernels
+   10-15% faster than 2,048 (which spilled to L3). */
 #define BLOCK_ROWS_PER_THREAD 512
 
 /* exp(x) for float32, as a polynomial the compiler vectorises (libm's expf is a call per number, a third
@@ -292,7 +295,7 @@ static inline void F(store)(T *p, V v) { memcpy(p, &v, sizeof v); }
 
 typedef struct {
     int64_t n, d, dv, c, width, pad;   /* pad: rows of zeros in front of the keys' padded layout */
-    /* The rows the block loops read: query i's at q + (i - q0) d, padded key and value row p's at
+    /* The rows the chunk loops read: query i's at q + (i - q0) d, padded key and value row p's at
        kp + (p - k0) d and vp + (p - k0) dv, d_out of query i at g + (i - g0) dv. */
     const T *q, *kp, *vp, *g;
     int64_t q0, k0, g0;
@@ -323,8 +326,8 @@ typedef struct {
 } F(Sources);
 #define Sources F(Sources)
 
-/* A block's rows gathered from their sources: padded rows [p0, p1) of keys (ks, scaled), values (vs)
-   and queries (qs, their items), and d_out (gs, times g_scale) of the queries' items [i0, i1). */
+/* A sub-block's rows gathered from their sources: padded rows [p0, p1) of keys (ks, scaled), values (vs)
+   and queries (qs, their items); d_out (gs, times g_scale) of the queries' items [i0, i1). */
 typedef struct {
     const Sources *from;
     int64_t n, d, dv, pad, p0, i0, i1;
@@ -340,16 +343,16 @@ static inline void F(prefetch_row)(const T *base, const int64_t *index, int64_t 
 
 #define PREFETCH_AHEAD 8   /* rows: a gather's scattered reads overlap this many at a time */
 
-static void F(stage_range)(const void *p, int part, int64_t begin, int64_t end) {
-    const F(Stage) *a = (const F(Stage) *)p;
+/* Padded rows [begin, end) of the stage's q, k and v. */
+static void F(stage_rows)(const F(Stage) *a, int64_t begin, int64_t end) {
     const Sources *s = a->from;
     int64_t d = a->d, dv = a->dv;
-    (void)part;
     for (int64_t row = begin; row < end; row++) {
         int64_t item = row - a->pad, ahead = item + PREFETCH_AHEAD;
-        F(prefetch_row)(s->q, s->q_index, ahead, a->n, d * (int64_t)sizeof(T));
-        F(prefetch_row)(s->v, s->v_index, ahead, a->n, dv * (int64_t)sizeof(T));
-        if (a->gs && ahead >= a->i0 && ahead < a->i1) F(prefetch_row)(s->g, s->g_index, ahead, a->n, dv * (int64_t)sizeof(T));
+        if (ahead < end - a->pad) {
+            F(prefetch_row)(s->q, s->q_index, ahead, a->n, d * (int64_t)sizeof(T));
+            F(prefetch_row)(s->v, s->v_index, ahead, a->n, dv * (int64_t)sizeof(T));
+        }
         T *q = a->qs + (row - a->p0) * d, *k = a->ks + (row - a->p0) * d, *v = a->vs + (row - a->p0) * dv;
         if (item < 0 || item >= a->n) {
             memset(q, 0, sizeof(T) * (size_t)d);
@@ -364,20 +367,38 @@ static void F(stage_range)(const void *p, int part, int64_t begin, int64_t end) 
             k[e] = src[e] * scale;
         }
         memcpy(v, vsrc, sizeof(T) * (size_t)dv);
-        if (a->gs && item >= a->i0 && item < a->i1) {
-            const T *gsrc = s->g + s->g_index[item];
-            T *g = a->gs + (item - a->i0) * dv, factor = s->g_scale ? s->g_scale[item] : 1;
-            _Pragma("omp simd") for (int64_t e = 0; e < dv; e++) g[e] = gsrc[e] * factor;
-        }
     }
 }
 
-/* Gathers block [g0, g1)'s rows into the stage's buffers (qs, ks, vs; gs unless NULL) and points the
-   block loops' rows at them. The shared-QK keys are the queries' own rows times k_scale. */
-static void F(stage)(const Sources *from, Args *a, int64_t g0, int64_t g1, T *qs, T *ks, T *vs, T *gs, int threads) {
-    int64_t p0 = g0 * a->c, p1 = g1 * a->c - a->c + a->width;
-    F(Stage) st = {from, a->n, a->d, a->dv, a->pad, p0, g0 * a->c, g1 * a->c, qs, ks, vs, gs};
-    parallel_for(F(stage_range), &st, p0, p1, threads);
+/* The stage's d_out rows: items [i0, i1). */
+static void F(stage_d_out)(const F(Stage) *a) {
+    const Sources *s = a->from;
+    int64_t dv = a->dv;
+    for (int64_t item = a->i0; item < a->i1; item++) {
+        if (item + PREFETCH_AHEAD < a->i1)
+            F(prefetch_row)(s->g, s->g_index, item + PREFETCH_AHEAD, a->n, dv * (int64_t)sizeof(T));
+        const T *gsrc = s->g + s->g_index[item];
+        T *g = a->gs + (item - a->i0) * dv, factor = s->g_scale ? s->g_scale[item] : 1;
+        _Pragma("omp simd") for (int64_t e = 0; e < dv; e++) g[e] = gsrc[e] * factor;
+    }
+}
+
+/* Gathers the rows sub-block [g0, g1) of chunks reads into one thread's buffers (qs, ks, vs; gs unless
+   NULL: its queries' d_out) and points the chunk loops' rows at them. The shared-QK keys are the queries'
+   own rows times k_scale. With `carry` (the buffers hold the sub-block before, of `per` chunks), the rows
+   both windows read (width - c of them) are moved to the front instead of gathered again. */
+static void F(stage)(const Sources *from, Args *a, int64_t g0, int64_t g1, int64_t per, int carry, T *qs, T *ks,
+                     T *vs, T *gs) {
+    int64_t c = a->c, d = a->d, dv = a->dv, p0 = g0 * c, p1 = g1 * c - c + a->width, kept = 0;
+    F(Stage) st = {from, a->n, d, dv, a->pad, p0, g0 * c, g1 * c, qs, ks, vs, gs};
+    if (carry) {
+        kept = a->width - c;
+        memmove(qs, qs + per * c * d, sizeof(T) * (size_t)(kept * d));
+        memmove(ks, ks + per * c * d, sizeof(T) * (size_t)(kept * d));
+        memmove(vs, vs + per * c * dv, sizeof(T) * (size_t)(kept * dv));
+    }
+    F(stage_rows)(&st, p0 + kept, p1);
+    if (gs) F(stage_d_out)(&st);
     a->q = qs;
     a->q0 = p0 - a->pad;
     a->kp = ks;
@@ -385,7 +406,7 @@ static void F(stage)(const Sources *from, Args *a, int64_t g0, int64_t g1, T *qs
     a->k0 = p0;
     if (gs) {
         a->g = gs;
-        a->g0 = g0 * a->c;
+        a->g0 = g0 * c;
     }
 }
 
@@ -412,17 +433,17 @@ static void F(transpose_range)(const void *p, int part, int64_t begin, int64_t e
     }
 }
 
-/* The panels a block of chunks [g0, g1) reads (its windows, and the two panels past them that the scores
+/* The panels sub-block [g0, g1) of chunks reads (its windows, and the two panels past them that the scores
    may load), into t: returns the first panel's number. */
 static int64_t F(transpose)(const T *x, int64_t origin, int64_t rows, int64_t d, const Args *a, int64_t g0,
-                            int64_t g1, T *t, int threads) {
+                            int64_t g1, T *t) {
     int64_t first = g0 * a->c / LANES, last = (g1 * a->c - a->c + a->width + LANES - 1) / LANES + 2;
     F(Transpose) tr = {x, t, origin, rows, d, first};
-    parallel_for(F(transpose_range), &tr, first, last, threads);
+    F(transpose_range)(&tr, 0, first, last);
     return first;
 }
 
-/* Panels transpose needs at most for a block of `chunks` chunks. */
+/* Panels transpose needs at most for a sub-block of `chunks` chunks. */
 static int64_t F(block_panels)(int64_t chunks, int64_t c, int64_t width) { return (chunks * c - c + width) / LANES + 4; }
 
 /* s[r * sw + col] = x_r . (padded row first + col of the panels t), for QB rows x_r (row r of x, d wide;
@@ -644,20 +665,19 @@ static void F(forward_range)(const void *p, int part, int64_t begin, int64_t end
     free(scratch);
 }
 
+/* A part's tiles and scratch rows for backward_chunks. */
+typedef struct {
+    T *s, *dp, *tile_k, *tile_v, *tail_k, *tail_v;
+    int64_t mine;   /* rows the part writes directly: up to here, the rest to its tail */
+} F(Work);
+
 /* Chunks [begin, end): dq_i = sum_j ds_ij k_j; dk_j = sum_i ds_ij q_i and dv_j = sum_i p_ij g_i are gathered
-   per chunk in a window tile, then added to the padded rows. Rows from end * c on belong to the next part
-   (its first chunks write them): this part's share goes to its tail buffer, which interval_backward adds
-   once every row it reaches is written. */
-static void F(backward_range)(const void *p, int part, int64_t begin, int64_t end) {
-    const Args *a = (const Args *)p;
-    int64_t c = a->c, d = a->d, dv = a->dv, width = a->width, sw = width + 4 * LANES;
-    int64_t mine = end * c;   /* rows this part writes directly: [begin c, mine) */
-    T *scratch = (T *)malloc(sizeof(T) * (size_t)(2 * QB * sw)), *s = scratch + 2 * LANES, *dp = s + QB * sw;
-    T *tile_k = (T *)calloc((size_t)(sw * d), sizeof(T)), *tile_v = (T *)calloc((size_t)(sw * dv), sizeof(T));
-    T *tail_k = a->tails + (size_t)part * (size_t)((width - c) * (d + dv)), *tail_v = tail_k + (width - c) * d;
-    memset(a->dkp + begin * c * d, 0, sizeof(T) * (size_t)((mine - begin * c) * d));
-    memset(a->dvp + begin * c * dv, 0, sizeof(T) * (size_t)((mine - begin * c) * dv));
-    memset(tail_k, 0, sizeof(T) * (size_t)((width - c) * (d + dv)));
+   per chunk in a window tile (zero on entry and exit), then added to the padded rows. Rows from w->mine
+   on belong to the next part (its first chunks write them): this part's share goes to its tail, which
+   interval_backward adds once every row is written. */
+static void F(backward_chunks)(const Args *a, const F(Work) *w, int64_t begin, int64_t end) {
+    int64_t c = a->c, d = a->d, dv = a->dv, width = a->width, sw = width + 4 * LANES, mine = w->mine;
+    T *s = w->s, *dp = w->dp, *tile_k = w->tile_k, *tile_v = w->tile_v, *tail_k = w->tail_k, *tail_v = w->tail_v;
     for (int64_t g = begin; g < end; g++) {
         int64_t first = g * c, used_from = width, used_to = 0;
         for (int64_t i0 = g * c; i0 < (g + 1) * c; i0 += QB) {
@@ -695,25 +715,47 @@ static void F(backward_range)(const void *p, int part, int64_t begin, int64_t en
             memset(tile_v + used_from * dv, 0, sizeof(T) * (size_t)((used_to - used_from) * dv));
         }
     }
-    free(scratch);
-    free(tile_k);
-    free(tile_v);
 }
 
-/* Chunks per block: BLOCK_ROWS_PER_THREAD rows per thread (so at least MIN_CHUNKS_PER_THREAD chunks per
-   thread), and at least a window (so that a block's tails reach no further than the next block). */
-static int64_t F(block_chunks)(int64_t c, int64_t width, int threads) {
-    int64_t per = BLOCK_ROWS_PER_THREAD * (threads < MAX_THREADS ? threads : MAX_THREADS) / c;
-    if (per < MIN_CHUNKS_PER_THREAD * threads) per = MIN_CHUNKS_PER_THREAD * threads;
-    return per > width / c ? per : width / c;
-}
+/* Chunks per sub-block: BLOCK_ROWS_PER_THREAD rows of queries, at least one chunk. */
+static int64_t F(sub_block_chunks)(int64_t c) { return BLOCK_ROWS_PER_THREAD / c > 1 ? BLOCK_ROWS_PER_THREAD / c : 1; }
 
-/* Rows a block's stage holds: its padded key rows. */
+/* Rows a sub-block's stage holds: its padded key rows. */
 static int64_t F(block_rows)(int64_t chunks, int64_t c, int64_t width) { return chunks * c - c + width; }
+
+/* What every part of a kernel call shares: the call's rows and outputs, and where the rows come from
+   (NULL: as they lie, no stage). */
+typedef struct {
+    const Args *a;
+    const Sources *from;
+    int64_t per;   /* chunks per sub-block */
+} F(Job);
+
+/* One part of forward: its chunks [begin, end), a sub-block at a time (gathered, transposed, attended)
+   in buffers of its own, so that the parts never wait for each other until the call ends. */
+static void F(forward_part)(const void *p, int part, int64_t begin, int64_t end) {
+    const F(Job) *job = (const F(Job) *)p;
+    Args a = *job->a;
+    int64_t c = a.c, d = a.d, dv = a.dv, width = a.width, per = job->per;
+    int64_t staged = job->from ? F(block_rows)(per, c, width) : 0;
+    T *kt = (T *)malloc(sizeof(T) * (size_t)(F(block_panels)(per, c, width) * d * LANES));
+    T *stage = (T *)malloc(sizeof(T) * (size_t)(staged * (2 * d + dv) + 1));
+    a.kt = kt;
+    for (int64_t g0 = begin; g0 < end; g0 += per) {
+        int64_t g1 = g0 + per < end ? g0 + per : end;
+        if (job->from)
+            F(stage)(job->from, &a, g0, g1, per, g0 > begin, stage, stage + staged * d, stage + 2 * staged * d, NULL);
+        int64_t rows = job->from ? F(block_rows)(g1 - g0, c, width) : a.n + width - c;
+        a.panel0 = F(transpose)(a.kp, a.k0, rows, d, &a, g0, g1, kt);
+        F(forward_range)(&a, part, g0, g1);
+    }
+    free(kt);
+    free(stage);
+}
 
 /* Forward of n items (sorted order, n / c chunks) over their spans. Rows: with q_index NULL, q (n, d), and
    k and v in the padded layout ((n + width - c) rows), as they lie; else item i's rows by index, the keys
-   the q rows times k_scale (k unused), gathered block by block. Outputs: without order, out (n, dv) and
+   the q rows times k_scale (k unused), gathered sub-block by sub-block. Outputs: without order, out (n, dv) and
    lse_out (n) by item; with order (each item's position, unique), the round combined into acc
    (positions, dv), best, norm and scores (positions), and lse_out by item; with final_out too (the
    last round), the combination finished instead: final_out's rows at out_index (by position) get the
@@ -724,85 +766,91 @@ void F(interval_forward)(int64_t n, int64_t d, int64_t dv, int64_t c, int64_t wi
                          T *lse_out, const int64_t *order, const unsigned char *has_other, T *acc, T *best, T *norm,
                          T *scores, T *final_out, const int64_t *out_index, T *total, unsigned char *any_other,
                          int threads) {
-    int64_t chunks = n / c, per = F(block_chunks)(c, width, threads);
-    int64_t staged = q_index ? F(block_rows)(per, c, width) : 0;
-    T *kt = (T *)malloc(sizeof(T) * (size_t)(F(block_panels)(per, c, width) * d * LANES));
-    T *stage = (T *)malloc(sizeof(T) * (size_t)(staged * (2 * d + dv) + 1));
     Sources from = {q, v, NULL, k_scale, NULL, q_index, v_index, NULL};
     Args a = {n, d, dv, c, width, pad, q, k, v, NULL, 0, 0, 0, NULL, NULL, lo, hi, skip, NULL, NULL, 0,
               out, lse_out, order, has_other, acc, best, norm, scores, NULL, NULL, NULL, NULL,
               final_out, total, out_index, any_other};
-    a.kt = kt;
-    for (int64_t g0 = 0; g0 < chunks; g0 += per) {
-        int64_t g1 = g0 + per < chunks ? g0 + per : chunks;
-        if (q_index) F(stage)(&from, &a, g0, g1, stage, stage + staged * d, stage + 2 * staged * d, NULL, threads);
-        int64_t rows = q_index ? F(block_rows)(g1 - g0, c, width) : n + width - c;
-        a.panel0 = F(transpose)(a.kp, a.k0, rows, d, &a, g0, g1, kt, threads);
-        parallel_for(F(forward_range), &a, g0, g1, threads);
-    }
-    free(kt);
-    free(stage);
+    F(Job) job = {&a, q_index ? &from : NULL, F(sub_block_chunks)(c)};
+    parallel_for(F(forward_part), &job, 0, n / c, threads);
 }
 
-/* Adds each part's tail (rows past its chunks, parts of block [g0, g1)) to the gradients. */
-static void F(add_tails)(const T *tails, int64_t g0, int64_t g1, int64_t c, int64_t tail_rows, int64_t d,
-                         int64_t dv, T *dkp, T *dvp, int threads) {
-    int parts = part_count(g1 - g0, threads);
+/* Adds each part's tail (rows past its chunks) to the gradients, in part order. */
+static void F(add_tails)(const T *tails, int64_t chunks, int64_t c, int64_t tail_rows, int64_t d, int64_t dv,
+                         T *dkp, T *dvp, int threads) {
+    int parts = part_count(chunks, threads);
     for (int t = 0; t < parts; t++) {
-        int64_t start = part_begin(g0, g1, parts, t + 1) * c;
+        int64_t start = part_begin(0, chunks, parts, t + 1) * c;
         const T *tail_k = tails + (size_t)t * (size_t)(tail_rows * (d + dv)), *tail_v = tail_k + tail_rows * d;
         for (int64_t x = 0; x < tail_rows * d; x++) dkp[start * d + x] += tail_k[x];
         for (int64_t x = 0; x < tail_rows * dv; x++) dvp[start * dv + x] += tail_v[x];
     }
 }
 
+/* One part of backward: its chunks [begin, end), a sub-block at a time, in buffers of its own. */
+static void F(backward_part)(const void *p, int part, int64_t begin, int64_t end) {
+    const F(Job) *job = (const F(Job) *)p;
+    Args a = *job->a;
+    int64_t c = a.c, d = a.d, dv = a.dv, width = a.width, per = job->per, sw = width + 4 * LANES;
+    int64_t staged = job->from ? F(block_rows)(per, c, width) : 0, panels = F(block_panels)(per, c, width);
+    T *kt = (T *)malloc(sizeof(T) * (size_t)(panels * d * LANES));
+    T *vt = (T *)malloc(sizeof(T) * (size_t)(panels * dv * LANES));
+    T *stage = (T *)malloc(sizeof(T) * (size_t)(staged * (2 * d + dv) + (job->from ? per * c * dv : 0) + 1));
+    T *scratch = (T *)malloc(sizeof(T) * (size_t)(2 * QB * sw));
+    F(Work) w = {scratch + 2 * LANES, scratch + 2 * LANES + QB * sw, (T *)calloc((size_t)(sw * d), sizeof(T)),
+                 (T *)calloc((size_t)(sw * dv), sizeof(T)), a.tails + (size_t)part * (size_t)((width - c) * (d + dv)),
+                 NULL, end * c};
+    w.tail_v = w.tail_k + (width - c) * d;
+    memset(w.tail_k, 0, sizeof(T) * (size_t)((width - c) * (d + dv)));
+    a.kt = kt;
+    a.vt = vt;
+    int64_t zeroed = begin * c;   /* the part's own rows are zero up to here */
+    for (int64_t g0 = begin; g0 < end; g0 += per) {
+        int64_t g1 = g0 + per < end ? g0 + per : end;
+        if (job->from)
+            F(stage)(job->from, &a, g0, g1, per, g0 > begin, stage, stage + staged * d, stage + 2 * staged * d,
+                     stage + staged * (2 * d + dv));
+        int64_t rows = job->from ? F(block_rows)(g1 - g0, c, width) : a.n + width - c;
+        a.panel0 = F(transpose)(a.kp, a.k0, rows, d, &a, g0, g1, kt);
+        F(transpose)(a.vp, a.k0, rows, dv, &a, g0, g1, vt);
+        /* the rows these chunks write first, zeroed while the writes to come can find them in cache */
+        int64_t reach = g1 * c - c + width < w.mine ? g1 * c - c + width : w.mine;
+        if (reach > zeroed) {
+            memset(a.dkp + zeroed * d, 0, sizeof(T) * (size_t)((reach - zeroed) * d));
+            memset(a.dvp + zeroed * dv, 0, sizeof(T) * (size_t)((reach - zeroed) * dv));
+            zeroed = reach;
+        }
+        F(backward_chunks)(&a, &w, g0, g1);
+    }
+    free(kt);
+    free(vt);
+    free(stage);
+    free(scratch);
+    free(w.tile_k);
+    free(w.tile_v);
+}
+
 /* Backward: dq (n, d) by item, dkp and dvp in the padded layout ((n + width - c) rows, all written), given
    d_out (g, (n, dv), or with g_index its rows by index times g_scale), forward's lse and
    row = sum(d_out * out) - d_lse, by item; the other rows as for interval_forward.
-   Blocks of chunks one after the other, each cut in parts that run in parallel. A part writes the
-   gradient rows of its own chunks (zeroing them first) and puts its share of the rows past them in its
-   tail; a block's tails are added once the next block is done, when every row they reach has been
-   written (blocks span at least a window, so tails reach no further than the next block). */
+   The chunks are cut in parts that run in parallel. A part writes the gradient rows of its own chunks
+   (zeroing them just before its first write) and puts its share of the rows past them in its tail; the
+   tails are added, in part order, once every part is done. */
 void F(interval_backward)(int64_t n, int64_t d, int64_t dv, int64_t c, int64_t width, int64_t pad,
                           const T *q, const int64_t *q_index, const T *k, const T *k_scale, const T *v,
                           const int64_t *v_index, const T *g, const int64_t *g_index, const T *g_scale,
                           const int64_t *lo, const int64_t *hi, const int64_t *skip, const T *lse, const T *row,
                           T *dq, T *dkp, T *dvp, int threads) {
-    int64_t tail_rows = width - c, chunks = n / c, per = F(block_chunks)(c, width, threads);
-    int64_t panels = F(block_panels)(per, c, width), tail_size = MAX_THREADS * tail_rows * (d + dv) + 1;
-    int64_t staged = q_index ? F(block_rows)(per, c, width) : 0;
-    T *kt = (T *)malloc(sizeof(T) * (size_t)(panels * d * LANES));
-    T *vt = (T *)malloc(sizeof(T) * (size_t)(panels * dv * LANES));
-    T *tails[2] = {(T *)malloc(sizeof(T) * (size_t)tail_size), (T *)malloc(sizeof(T) * (size_t)tail_size)};
-    T *stage = (T *)malloc(sizeof(T) * (size_t)(staged * (2 * d + dv) + (q_index ? per * c * dv : 0) + 1));
+    int64_t tail_rows = width - c, chunks = n / c;
+    T *tails = (T *)malloc(sizeof(T) * (size_t)(MAX_THREADS * tail_rows * (d + dv) + 1));
     Sources from = {q, v, g, k_scale, g_scale, q_index, v_index, g_index};
     Args a = {n, d, dv, c, width, pad, q, k, v, g, 0, 0, 0, lse, row, lo, hi, skip, NULL, NULL, 0,
-              NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, dq, dkp, dvp, NULL};
-    a.kt = kt;
-    a.vt = vt;
+              NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, dq, dkp, dvp, tails};
     memset(dkp + n * d, 0, sizeof(T) * (size_t)(tail_rows * d));   /* the rows after the last chunk */
     memset(dvp + n * dv, 0, sizeof(T) * (size_t)(tail_rows * dv));
-    int64_t before = -1;   /* the block whose tails wait */
-    for (int64_t g0 = 0, block = 0; g0 < chunks; g0 += per, block++) {
-        int64_t g1 = g0 + per < chunks ? g0 + per : chunks;
-        if (q_index)
-            F(stage)(&from, &a, g0, g1, stage, stage + staged * d, stage + 2 * staged * d,
-                     stage + staged * (2 * d + dv), threads);
-        int64_t rows = q_index ? F(block_rows)(g1 - g0, c, width) : n + width - c;
-        a.panel0 = F(transpose)(a.kp, a.k0, rows, d, &a, g0, g1, kt, threads);
-        F(transpose)(a.vp, a.k0, rows, dv, &a, g0, g1, vt, threads);
-        a.tails = tails[block % 2];
-        parallel_for(F(backward_range), &a, g0, g1, threads);
-        if (before >= 0) F(add_tails)(tails[(block + 1) % 2], before, g0, c, tail_rows, d, dv, dkp, dvp, threads);
-        before = g0;
-    }
-    if (before >= 0)
-        F(add_tails)(tails[((chunks + per - 1) / per + 1) % 2], before, chunks, c, tail_rows, d, dv, dkp, dvp, threads);
-    free(kt);
-    free(vt);
-    free(tails[0]);
-    free(tails[1]);
-    free(stage);
+    F(Job) job = {&a, q_index ? &from : NULL, F(sub_block_chunks)(c)};
+    parallel_for(F(backward_part), &job, 0, chunks, threads);
+    F(add_tails)(tails, chunks, c, tail_rows, d, dv, dkp, dvp, threads);
+    free(tails);
 }
 
 typedef struct {

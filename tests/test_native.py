@@ -2,7 +2,11 @@
 its blocks, tails and vector remainders; and its build: used where a compiler exists, refused cleanly
 where none works."""
 
+import json
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -266,6 +270,38 @@ def test_huge_pages_are_asked_for_only_where_the_kernel_offers_them(setting, off
         assert memory._huge_pages_offered() is (offered and hasattr(memory.mmap, "MADV_HUGEPAGE"))
     finally:
         memory._huge_pages_offered.cache_clear()
+
+
+_TORCH_BLOCK = """
+import json, os
+import reformer, torch
+block = torch.empty(16 << 20)   # 64 MiB from torch's allocator
+advised, inside = False, False
+for line in open("/proc/self/smaps"):
+    fields = line.split()
+    if "-" in fields[0] and not fields[0].endswith(":"):
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        inside = start <= block.data_ptr() < end
+    elif inside and fields[0] == "VmFlags:":
+        advised = "hg" in fields[1:]   # the mapping was given MADV_HUGEPAGE
+print(json.dumps([os.environ.get("THP_MEM_ALLOC_ENABLE"), advised]))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
+@pytest.mark.parametrize("env", [{}, {"REFORMER_HUGE_PAGES": "0"}, {"THP_MEM_ALLOC_ENABLE": "0"}])
+def test_importing_reformer_puts_torchs_large_blocks_on_huge_pages(env):
+    """Unless switched off, set by the user, or not offered by the kernel: torch then asks for huge pages
+    (MADV_HUGEPAGE) for its large blocks."""
+    from reformer import memory
+
+    environment = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "REFORMER_HUGE_PAGES")}
+    result = subprocess.run([sys.executable, "-c", _TORCH_BLOCK], env={**environment, **env}, capture_output=True,
+                            text=True, check=True, timeout=300)
+    value, advised = json.loads(result.stdout)
+    asked = not env and memory._huge_pages_offered()
+    assert value == ("1" if asked else env.get("THP_MEM_ALLOC_ENABLE"))
+    assert advised is asked
 
 
 def test_item_rows_refuse_to_write_into_a_copy():

@@ -7,6 +7,14 @@ Linux backs a private anonymous mapping with huge pages where it is asked to (MA
 "madvise" setting of transparent_hugepage); torch's own allocator does so only when THP_MEM_ALLOC_ENABLE
 is set when the process starts, which a library cannot count on. So the buffers the core reads at random
 come from here. Elsewhere (other systems, other devices, small sizes) this is plain ``new_empty``.
+
+The rest of a step's large tensors (LayerNorm's and the projections' outputs and gradients, 64 MiB
+each at 64K tokens) come from torch's allocator, on fresh 4 KiB pages each time (glibc maps blocks this
+large anew per allocation): ~100,000 page faults per layer step at 64K tokens, half a second of system
+time. torch puts blocks of 2 MiB and more on huge pages when THP_MEM_ALLOC_ENABLE is set, and reads it
+at its first such block, so importing reformer sets it (``offer_huge_pages_to_torch``) unless it is
+already set, REFORMER_HUGE_PAGES=0, or the kernel does not offer huge pages; where torch has already
+read it, nothing changes.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 import mmap
+import os
 from pathlib import Path
 
 import torch
@@ -32,6 +41,20 @@ def _huge_pages_offered() -> bool:
         return "[never]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
     except OSError:
         return False
+
+
+def offer_huge_pages_to_torch() -> bool:
+    """Ask torch's CPU allocator to put blocks of 2 MiB and more on transparent huge pages (sets
+    THP_MEM_ALLOC_ENABLE=1, which torch reads at its first such block). Returns whether it was set here:
+    not where it is set already (the user's choice stands), REFORMER_HUGE_PAGES=0, or huge pages are not
+    offered. At 64K tokens a layer step took 4,000-6,000 page faults instead of ~100,000 and 0.25-0.32 s
+    of system time instead of 0.49-0.56 s (peak memory unchanged)."""
+    if "THP_MEM_ALLOC_ENABLE" in os.environ or os.environ.get("REFORMER_HUGE_PAGES", "1") == "0":
+        return False
+    if not _huge_pages_offered():
+        return False
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+    return True
 
 
 def empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:

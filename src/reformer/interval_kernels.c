@@ -24,15 +24,17 @@ How it is fast on a CPU without BLAS:
   scatter_gradients adds a round's gradients back in position order. No sorted copy of a head's rows
   goes through memory (layer step A/B: 4K tokens -15%, 16K -10%, 64K -4% time; 20-110 MiB less memory).
 
-Parallel: the chunks are cut in contiguous parts, one per thread, on torch's own OpenMP threads where
-native.py builds with -fopenmp (the loader binds this library to the libgomp torch has loaded), else on
-POSIX threads started per call. A part works through its chunks a sub-block at a time in buffers of its
-own (the window rows a sub-block shares with the one before are moved, not gathered again), so the
-threads meet once per call, not once per block (4 barriers per block of 1,024 rows before: backward
-per head at 64K tokens 203-239 vs 216-240 ms). Windows overlap, so a part writes the gradient rows of
-its own chunks and puts its share of the rows after them in a tail buffer, added in a fixed order once
-every part is done. Results are the same from run to run; the number of threads only changes the order
-of a few sums.
+Parallel: the chunks are cut in contiguous parts of a few sub-blocks, which the threads take as they come
+free, on torch's own OpenMP threads where native.py builds with -fopenmp (the loader binds this library
+to the libgomp torch has loaded), else on POSIX threads started per call. A part works through its
+chunks a sub-block at a time in buffers of its own (the window rows a sub-block shares with the one
+before are moved, not gathered again), so the threads meet once per call, not once per block (4
+barriers per block of 1,024 rows before: backward per head at 64K tokens 203-239 vs 216-240 ms), and a
+thread the machine slows down holds the others up by one part at most (one part per thread: forward per
+head 139-150 vs 115-143 ms with 32 parts, backward 220-226 vs 186-215). Windows overlap, so a part
+writes the gradient rows of its own chunks and puts its share of the rows after them in a tail buffer,
+added in part order once every part is done. A part is the same range whichever thread runs it, so
+results are the same from run to run; the number of threads only changes the order of a few sums.
 
 Built by native.py with -O3 -march=native -fno-trapping-math (no trapping math so that the loops around
 exp's conversions vectorise) and -fopenmp, or -fopenmp-simd (the simd pragmas without a runtime). The
@@ -49,21 +51,11 @@ file includes itself once per element type, with T, NAME, LANES, LOG and EXP def
 
 #define MAX_THREADS 64
 #define MIN_CHUNKS_PER_THREAD 8
+#define PART_SUB_BLOCKS 4
+#define SCATTER_GRAIN 4096   /* items per part of scatter_gradients */
+#define MAX_PARTS 256
 
 typedef void (*range_fn)(const void *args, int part, int64_t begin, int64_t end);
-
-typedef struct {
-    range_fn fn;
-    const void *args;
-    int part;
-    int64_t begin, end;
-} Part;
-
-static void *run_part(void *p) {
-    Part *part = (Part *)p;
-    part->fn(part->args, part->part, part->begin, part->end);
-    return NULL;
-}
 
 /* How many parts parallel_for cuts n items into. */
 static int part_count(int64_t n, int threads) {
@@ -75,35 +67,59 @@ static int part_count(int64_t n, int threads) {
 /* Where part t of [begin, end) cut in `parts` starts. */
 static int64_t part_begin(int64_t begin, int64_t end, int parts, int t) { return begin + (end - begin) * t / parts; }
 
-/* fn over [begin, end) in part_count(end - begin, threads) contiguous parts: on the OpenMP runtime's
-   threads (part t is the same range whichever thread runs it), or on POSIX threads, the calling thread
-   running the first. */
-static void parallel_for(range_fn fn, const void *args, int64_t begin, int64_t end, int threads) {
-    int parts = part_count(end - begin, threads);
+typedef struct {
+    range_fn fn;
+    const void *args;
+    int64_t begin, end;
+    int parts, next;   /* next: the first part no thread has taken yet */
+} Parts;
+
+static void take_parts(Parts *p) {
+    for (int t; (t = __atomic_fetch_add(&p->next, 1, __ATOMIC_RELAXED)) < p->parts;)
+        p->fn(p->args, t, part_begin(p->begin, p->end, p->parts, t), part_begin(p->begin, p->end, p->parts, t + 1));
+}
+
+static void *take_parts_thread(void *p) {
+    take_parts((Parts *)p);
+    return NULL;
+}
+
+/* fn over [begin, end) cut in `parts` contiguous parts (part t is the same range whichever thread runs
+   it), which up to `threads` threads take one at a time as they come free: on the OpenMP runtime's
+   threads, or on POSIX threads and the calling thread. Taking parts as they come, a thread the machine
+   slows down (another tenant on its core) holds the others up by one part at most. */
+static void parallel_parts(range_fn fn, const void *args, int64_t begin, int64_t end, int parts, int threads) {
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > parts) threads = parts;
 #ifdef _OPENMP
-    if (parts > 1) {
-        _Pragma("omp parallel for num_threads(parts) schedule(static, 1)")
+    if (threads > 1) {
+        _Pragma("omp parallel for num_threads(threads) schedule(dynamic, 1)")
         for (int t = 0; t < parts; t++)
             fn(args, t, part_begin(begin, end, parts, t), part_begin(begin, end, parts, t + 1));
         return;
     }
 #endif
-    Part part[MAX_THREADS];
+    Parts all = {fn, args, begin, end, parts, 0};
     pthread_t ids[MAX_THREADS];
     int started[MAX_THREADS];
-    for (int t = 0; t < parts; t++) {
-        part[t].fn = fn;
-        part[t].args = args;
-        part[t].part = t;
-        part[t].begin = part_begin(begin, end, parts, t);
-        part[t].end = part_begin(begin, end, parts, t + 1);
-    }
-    for (int t = 1; t < parts; t++) started[t] = pthread_create(&ids[t], NULL, run_part, &part[t]) == 0;
-    run_part(&part[0]);
-    for (int t = 1; t < parts; t++) {
+    for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], NULL, take_parts_thread, &all) == 0;
+    take_parts(&all);   /* with no thread to be had, this one takes every part */
+    for (int t = 1; t < threads; t++)
         if (started[t]) pthread_join(ids[t], NULL);
-        else run_part(&part[t]);   /* no thread to be had: run it here */
-    }
+}
+
+/* Parts of `grain` items or more for n items: at least one per thread (part_count), at most MAX_PARTS
+   (a kernel keeps a tail buffer per part). More parts than threads keep every thread busy to the end
+   of a call when the machine slows one of them down. */
+static int parts_of(int64_t n, int64_t grain, int threads) {
+    int64_t parts = n / grain, least = part_count(n, threads);
+    parts = parts < least ? least : parts;
+    return (int)(parts < MAX_PARTS ? parts : MAX_PARTS);
+}
+
+/* fn over [begin, end) in part_count(end - begin, threads) parts. */
+static void parallel_for(range_fn fn, const void *args, int64_t begin, int64_t end, int threads) {
+    parallel_parts(fn, args, begin, end, part_count(end - begin, threads), threads);
 }
 
 /* Rows of queries per sub-block: a thread gathers, transposes and attends its chunks a sub-block at a
@@ -723,6 +739,12 @@ static int64_t F(sub_block_chunks)(int64_t c) { return BLOCK_ROWS_PER_THREAD / c
 /* Rows a sub-block's stage holds: its padded key rows. */
 static int64_t F(block_rows)(int64_t chunks, int64_t c, int64_t width) { return chunks * c - c + width; }
 
+/* Parts a kernel call cuts its chunks in: PART_SUB_BLOCKS sub-blocks each (a thread starts each part by
+   gathering the window rows it shares with the part before). */
+static int F(kernel_parts)(int64_t chunks, int64_t per, int threads) {
+    return parts_of(chunks, PART_SUB_BLOCKS * per, threads);
+}
+
 /* What every part of a kernel call shares: the call's rows and outputs, and where the rows come from
    (NULL: as they lie, no stage). */
 typedef struct {
@@ -771,13 +793,12 @@ void F(interval_forward)(int64_t n, int64_t d, int64_t dv, int64_t c, int64_t wi
               out, lse_out, order, has_other, acc, best, norm, scores, NULL, NULL, NULL, NULL,
               final_out, total, out_index, any_other};
     F(Job) job = {&a, q_index ? &from : NULL, F(sub_block_chunks)(c)};
-    parallel_for(F(forward_part), &job, 0, n / c, threads);
+    parallel_parts(F(forward_part), &job, 0, n / c, F(kernel_parts)(n / c, job.per, threads), threads);
 }
 
 /* Adds each part's tail (rows past its chunks) to the gradients, in part order. */
-static void F(add_tails)(const T *tails, int64_t chunks, int64_t c, int64_t tail_rows, int64_t d, int64_t dv,
-                         T *dkp, T *dvp, int threads) {
-    int parts = part_count(chunks, threads);
+static void F(add_tails)(const T *tails, int64_t chunks, int parts, int64_t c, int64_t tail_rows, int64_t d,
+                         int64_t dv, T *dkp, T *dvp) {
     for (int t = 0; t < parts; t++) {
         int64_t start = part_begin(0, chunks, parts, t + 1) * c;
         const T *tail_k = tails + (size_t)t * (size_t)(tail_rows * (d + dv)), *tail_v = tail_k + tail_rows * d;
@@ -840,16 +861,17 @@ void F(interval_backward)(int64_t n, int64_t d, int64_t dv, int64_t c, int64_t w
                           const int64_t *v_index, const T *g, const int64_t *g_index, const T *g_scale,
                           const int64_t *lo, const int64_t *hi, const int64_t *skip, const T *lse, const T *row,
                           T *dq, T *dkp, T *dvp, int threads) {
-    int64_t tail_rows = width - c, chunks = n / c;
-    T *tails = (T *)malloc(sizeof(T) * (size_t)(MAX_THREADS * tail_rows * (d + dv) + 1));
+    int64_t tail_rows = width - c, chunks = n / c, per = F(sub_block_chunks)(c);
+    int parts = F(kernel_parts)(chunks, per, threads);
+    T *tails = (T *)malloc(sizeof(T) * (size_t)(parts * tail_rows * (d + dv) + 1));
     Sources from = {q, v, g, k_scale, g_scale, q_index, v_index, g_index};
     Args a = {n, d, dv, c, width, pad, q, k, v, g, 0, 0, 0, lse, row, lo, hi, skip, NULL, NULL, 0,
               NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, dq, dkp, dvp, tails};
     memset(dkp + n * d, 0, sizeof(T) * (size_t)(tail_rows * d));   /* the rows after the last chunk */
     memset(dvp + n * dv, 0, sizeof(T) * (size_t)(tail_rows * dv));
-    F(Job) job = {&a, q_index ? &from : NULL, F(sub_block_chunks)(c)};
-    parallel_for(F(backward_part), &job, 0, chunks, threads);
-    F(add_tails)(tails, chunks, c, tail_rows, d, dv, dkp, dvp, threads);
+    F(Job) job = {&a, q_index ? &from : NULL, per};
+    parallel_parts(F(backward_part), &job, 0, chunks, parts, threads);
+    F(add_tails)(tails, chunks, parts, c, tail_rows, d, dv, dkp, dvp);
     free(tails);
 }
 
@@ -887,7 +909,7 @@ void F(scatter_gradients)(int64_t n, int64_t d, int64_t dv, int64_t pad, const T
                           T *d_qk, const int64_t *dq_index, T *d_v, const int64_t *dv_index, T *d_scale,
                           int threads) {
     F(Scatter) a = {n, d, dv, pad, q, k_scale, dq, dkp, dvp, q_index, order, dq_index, dv_index, d_qk, d_v, d_scale};
-    parallel_for(F(scatter_range), &a, 0, n, threads);
+    parallel_parts(F(scatter_range), &a, 0, n, parts_of(n, SCATTER_GRAIN, threads), threads);
 }
 
 typedef struct {

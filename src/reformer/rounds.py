@@ -62,11 +62,16 @@ def storage_rows(x: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, to
     flat = _storage_view(x)
     if flat is None:
         return None
-    d = x.shape[-1]
-    batch, heads = (torch.arange(size, device=x.device) * (stride // d)
+    return flat, _item_offsets(x, index, x.shape[-1])
+
+
+def _item_offsets(x: torch.Tensor, index: torch.Tensor, unit: int) -> torch.Tensor:
+    """Where the items at ``index`` (batch, heads, m) positions of x start in the view of its storage
+    (``_storage_view``), in units of ``unit`` elements (which divides x's first three strides): one pass
+    over the items."""
+    batch, heads = (torch.arange(size, device=x.device) * (stride // unit)
                     for size, stride in zip(x.shape[:2], x.stride()[:2]))
-    start = batch[:, None, None] + heads[None, :, None]
-    return flat, start + index * (x.stride(2) // d)
+    return torch.add(batch[:, None, None] + heads[None, :, None], index, alpha=x.stride(2) // unit)
 
 
 def gather_items(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -304,13 +309,13 @@ def item_rows(x: torch.Tensor, positions: torch.Tensor, written: bool = False,
         flat, other = _storage_view(x), _storage_view(like[0])
         if flat is not None and other is not None:
             return native.Rows(flat, like[1].index, x.shape[-1])
-    rows = storage_rows(x, positions)
-    if rows is None:
+    flat = _storage_view(x)
+    if flat is None:
         if written:
             raise ValueError("item_rows: rows to write must lie whole in x's storage (see storage_rows)")
-        rows = storage_rows(x.contiguous(), positions)
-    flat, numbers = rows
-    return native.Rows(flat, numbers.flatten() * x.shape[-1], x.shape[-1])
+        x = x.contiguous()
+        flat = _storage_view(x)
+    return native.Rows(flat, _item_offsets(x, positions, 1).flatten(), x.shape[-1])
 
 
 def _fused_round(window: Window, causal: bool, qk, key_scale, v, buckets, valid) -> FusedRound:
@@ -397,11 +402,13 @@ def _fused_backward(qk, key_scale, v, buckets, valid, total, any_other, scores, 
     adds each round's gradients to d_qk, scale_grad (flat, position order) and d_v in position order."""
     window, c = buffers.window, buffers.window.chunk_length
     grads = buffers.core_grads
+    # Each round's weight and row by position, for all rounds in two passes (not six per round).
+    weights = torch.sub(scores, total).exp_().masked_fill_(~any_other, 0.0)
+    rows = weights * g_dot_o
     for r in range(buckets.shape[2]):
         items = _fused_round(window, band.causal, qk, key_scale, v, buckets[:, :, r], valid)
         positions = items.positions
-        weight = torch.exp(scores[r] - total).masked_fill_(~any_other, 0.0).index_select(0, items.order)
-        row = weight * g_dot_o.index_select(0, items.order)
+        weight, row = weights[r].index_select(0, items.order), rows[r].index_select(0, items.order)
         native.backward(items.q, None, items.v, item_rows(d_out, positions), items.spans, c, window.width,
                         window.before * c, lses[r], row, *grads, k_scale=items.scale, g_scale=weight)
         native.scatter_gradients(items.q, items.scale, items.order, window.before * c, *grads,

@@ -5,13 +5,14 @@ The compiled interval core reads the rows of every round in bucket order: scatte
 virtualisation): gathering one head's rows at 64K tokens took 13-18 ms, on 2 MiB pages 5-7 ms (measured).
 Linux backs a private anonymous mapping with huge pages where it is asked to (MADV_HUGEPAGE, the
 "madvise" setting of transparent_hugepage); torch's own allocator does so only when THP_MEM_ALLOC_ENABLE
-is set when the process starts, which a library cannot count on. So the buffers the core reads at random
-come from here. Elsewhere (other systems, other devices, small sizes) this is plain ``new_empty``.
+is set before its first large block, which a library cannot count on (the user may have made one before
+importing it). So the buffers the core reads at random come from here. Elsewhere (other systems, other
+devices, small sizes) this is plain ``new_empty``.
 
 The rest of a step's large tensors (LayerNorm's and the projections' outputs and gradients, 64 MiB
-each at 64K tokens) come from torch's allocator, on fresh 4 KiB pages each time (glibc maps blocks this
-large anew per allocation): ~100,000 page faults per layer step at 64K tokens, half a second of system
-time. torch puts blocks of 2 MiB and more on huge pages when THP_MEM_ALLOC_ENABLE is set, and reads it
+each at 64K tokens) come from torch's allocator, by default on fresh 4 KiB pages each time (glibc maps
+blocks this large anew per allocation): ~100,000 page faults per layer step at 64K tokens, half a
+second of system time. torch puts blocks of 2 MiB and more on huge pages when THP_MEM_ALLOC_ENABLE is set, and reads it
 at its first such block, so importing reformer sets it (``offer_huge_pages_to_torch``) unless it is
 already set, REFORMER_HUGE_PAGES=0, or the kernel does not offer huge pages; where torch has already
 read it, nothing changes.
@@ -47,8 +48,8 @@ def offer_huge_pages_to_torch() -> bool:
     """Ask torch's CPU allocator to put blocks of 2 MiB and more on transparent huge pages (sets
     THP_MEM_ALLOC_ENABLE=1, which torch reads at its first such block). Returns whether it was set here:
     not where it is set already (the user's choice stands), REFORMER_HUGE_PAGES=0, or huge pages are not
-    offered. At 64K tokens a layer step took 4,000-6,000 page faults instead of ~100,000 and 0.25-0.32 s
-    of system time instead of 0.49-0.56 s (peak memory unchanged)."""
+    offered. At 64K tokens a layer step took 4,000-6,000 page faults instead of ~100,000 and 0.25-0.49 s
+    of system time instead of 0.49-0.72 s (peak memory the same or lower)."""
     if "THP_MEM_ALLOC_ENABLE" in os.environ or os.environ.get("REFORMER_HUGE_PAGES", "1") == "0":
         return False
     if not _huge_pages_offered():

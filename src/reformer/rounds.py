@@ -402,7 +402,7 @@ def _fused_backward(qk, key_scale, v, buckets, valid, total, any_other, scores, 
     adds each round's gradients to d_qk, scale_grad (flat, position order) and d_v in position order."""
     window, c = buffers.window, buffers.window.chunk_length
     grads = buffers.core_grads
-    # Each round's weight and row by position, for all rounds in two passes (not six per round).
+    # Every round's weight and row by position at once: per round only their gathers into bucket order.
     weights = torch.sub(scores, total).exp_().masked_fill_(~any_other, 0.0)
     rows = weights * g_dot_o
     for r in range(buckets.shape[2]):

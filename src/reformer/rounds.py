@@ -305,11 +305,10 @@ def item_rows(x: torch.Tensor, positions: torch.Tensor, written: bool = False,
     (else in a copy, unless the rows are ``written``: then x must be covered). ``like`` = (y, y's rows at
     the same positions): where x and y are laid out alike (shape and strides) and both in place, their
     rows lie at the same offsets, and y's index serves x (no index arithmetic over every item again)."""
-    if like is not None and x.shape == like[0].shape and x.stride() == like[0].stride():
-        flat, other = _storage_view(x), _storage_view(like[0])
-        if flat is not None and other is not None:
-            return native.Rows(flat, like[1].index, x.shape[-1])
     flat = _storage_view(x)
+    if (flat is not None and like is not None and x.shape == like[0].shape and x.stride() == like[0].stride()
+            and _storage_view(like[0]) is not None):
+        return native.Rows(flat, like[1].index, x.shape[-1])
     if flat is None:
         if written:
             raise ValueError("item_rows: rows to write must lie whole in x's storage (see storage_rows)")
@@ -367,9 +366,13 @@ def heads_backward(qk, key_scale, v, buckets, valid, out, total, any_other, scor
     d_qk.zero_()
     torch.mul(d_out, (~any_other).view(*d_out.shape[:3], 1), out=d_v)   # queries that returned their own value
     scale_grad = torch.zeros_like(total)
+    # Every round's weight w_r and row w_r (g . o) by position at once: per round only their gathers into
+    # bucket order.
+    weights = torch.sub(scores, total).exp_().masked_fill_(~any_other, 0.0)
+    rows = weights * g_dot_o
     if buffers.fused:
-        _fused_backward(qk, key_scale, v, buckets, valid, total, any_other, scores, lses, d_out, g_dot_o,
-                        band, buffers, d_qk, scale_grad, d_v)
+        _fused_backward(qk, key_scale, v, buckets, valid, weights, rows, lses, d_out, band, buffers, d_qk,
+                        scale_grad, d_v)
         d_scale.copy_(scale_grad.view(d_scale.shape))
         return
     for r in range(buckets.shape[2]):
@@ -378,13 +381,13 @@ def heads_backward(qk, key_scale, v, buckets, valid, out, total, any_other, scor
                                         valid), None
         else:
             items, probs = kept[r]
-        weight = torch.exp(scores[r] - total).masked_fill(~any_other, 0.0).index_select(0, items.order)
+        weight = weights[r].index_select(0, items.order)
         d_round = buffers.d_round
         _gather_rows(d_out, items.positions, d_round)
         d_round.mul_(weight[:, None])
         d_q, d_k, d_v_round = interval_backward(items.q, items.k_padded, items.v_padded, items.spans,
                                                 buffers.window, d_round,
-                                                weight * g_dot_o.index_select(0, items.order), dropout,
+                                                rows[r].index_select(0, items.order), dropout,
                                                 seed + r, grads=buffers.core_grads, probs=probs, lse=lses[r])
         d_k = unpad_keys(d_k, buffers.window)
         scale_grad += torch.linalg.vecdot(d_k, items.q).index_select(0, items.unsorted)
@@ -396,15 +399,13 @@ def heads_backward(qk, key_scale, v, buckets, valid, out, total, any_other, scor
     d_scale.copy_(scale_grad.view(d_scale.shape))
 
 
-def _fused_backward(qk, key_scale, v, buckets, valid, total, any_other, scores, lses, d_out, g_dot_o,
-                    band: Band, buffers: RoundBuffers, d_qk, scale_grad, d_v) -> None:
+def _fused_backward(qk, key_scale, v, buckets, valid, weights, rows, lses, d_out, band: Band,
+                    buffers: RoundBuffers, d_qk, scale_grad, d_v) -> None:
     """heads_backward's rounds on the compiled core: it reads the rows of qk, v and d_out in place and
-    adds each round's gradients to d_qk, scale_grad (flat, position order) and d_v in position order."""
+    adds each round's gradients to d_qk, scale_grad (flat, position order) and d_v in position order.
+    weights, rows: (rounds, B * H * L) each round's weight and row w_r (g . o) by position."""
     window, c = buffers.window, buffers.window.chunk_length
     grads = buffers.core_grads
-    # Every round's weight and row by position at once: per round only their gathers into bucket order.
-    weights = torch.sub(scores, total).exp_().masked_fill_(~any_other, 0.0)
-    rows = weights * g_dot_o
     for r in range(buckets.shape[2]):
         items = _fused_round(window, band.causal, qk, key_scale, v, buckets[:, :, r], valid)
         positions = items.positions

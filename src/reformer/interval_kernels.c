@@ -435,9 +435,7 @@ typedef struct {
 /* Panels [begin, end) (counted from panel0) of padded rows x (row p at x + (p - origin) d, rows of them;
    zeros outside): panel b holds rows b LANES ... b LANES + LANES - 1 as (d, LANES), so that a vector of
    consecutive rows' element e is one load, and e + 1 the next. */
-static void F(transpose_range)(const void *p, int part, int64_t begin, int64_t end) {
-    const F(Transpose) *a = (const F(Transpose) *)p;
-    (void)part;
+static void F(transpose_panels)(const F(Transpose) *a, int64_t begin, int64_t end) {
     for (int64_t panel = begin; panel < end; panel++) {
         T *t = a->t + (panel - a->panel0) * a->d * LANES;
         for (int64_t r = 0; r < LANES; r++) {
@@ -455,7 +453,7 @@ static int64_t F(transpose)(const T *x, int64_t origin, int64_t rows, int64_t d,
                             int64_t g1, T *t) {
     int64_t first = g0 * a->c / LANES, last = (g1 * a->c - a->c + a->width + LANES - 1) / LANES + 2;
     F(Transpose) tr = {x, t, origin, rows, d, first};
-    F(transpose_range)(&tr, 0, first, last);
+    F(transpose_panels)(&tr, first, last);
     return first;
 }
 
@@ -640,14 +638,14 @@ static inline void F(prefetch_combine)(const Args *a, int64_t i0, int64_t i1) {
     }
 }
 
+/* Scratch rows forward_chunks needs: QB rows of scores (2 LANES spare on either side) and two outputs. */
+static int64_t F(forward_scratch)(int64_t width, int64_t dv) { return QB * (width + 4 * LANES) + 2 * dv; }
+
 /* Chunks [begin, end): out[i] = softmax over the span of q_i . k, times v, and lse_out[i] (or both
    combined into position order). */
-static void F(forward_range)(const void *p, int part, int64_t begin, int64_t end) {
-    const Args *a = (const Args *)p;
+static void F(forward_chunks)(const Args *a, T *scratch, int64_t begin, int64_t end) {
     int64_t c = a->c, d = a->d, dv = a->dv, sw = a->width + 4 * LANES;
-    T *scratch = (T *)malloc(sizeof(T) * (size_t)(QB * sw + 2 * dv));
     T *s = scratch + 2 * LANES, *y = scratch + QB * sw;
-    (void)part;
     for (int64_t g = begin; g < end; g++) {
         int64_t first = g * c;
         for (int64_t i0 = g * c; i0 < (g + 1) * c; i0 += QB) {
@@ -678,7 +676,6 @@ static void F(forward_range)(const void *p, int part, int64_t begin, int64_t end
             }
         }
     }
-    free(scratch);
 }
 
 /* A part's tiles and scratch rows for backward_chunks. */
@@ -753,6 +750,20 @@ typedef struct {
     int64_t per;   /* chunks per sub-block */
 } F(Job);
 
+/* Sub-block [g0, g1) of the part that starts at chunk `begin`: its rows gathered into the stage (`staged`
+   rows each of q, k and v, then its queries' d_out where `with_d_out`), or read as they lie, and its keys
+   transposed into kt. Returns the rows a transpose reads. */
+static int64_t F(sub_block)(const F(Job) *job, Args *a, int64_t begin, int64_t g0, int64_t g1, T *stage,
+                            int64_t staged, int with_d_out, T *kt) {
+    int64_t c = a->c, d = a->d, width = a->width;
+    if (job->from)
+        F(stage)(job->from, a, g0, g1, job->per, g0 > begin, stage, stage + staged * d, stage + 2 * staged * d,
+                 with_d_out ? stage + staged * (2 * d + a->dv) : NULL);
+    int64_t rows = job->from ? F(block_rows)(g1 - g0, c, width) : a->n + width - c;
+    a->panel0 = F(transpose)(a->kp, a->k0, rows, d, a, g0, g1, kt);
+    return rows;
+}
+
 /* One part of forward: its chunks [begin, end), a sub-block at a time (gathered, transposed, attended)
    in buffers of its own, so that the parts never wait for each other until the call ends. */
 static void F(forward_part)(const void *p, int part, int64_t begin, int64_t end) {
@@ -762,17 +773,17 @@ static void F(forward_part)(const void *p, int part, int64_t begin, int64_t end)
     int64_t staged = job->from ? F(block_rows)(per, c, width) : 0;
     T *kt = (T *)malloc(sizeof(T) * (size_t)(F(block_panels)(per, c, width) * d * LANES));
     T *stage = (T *)malloc(sizeof(T) * (size_t)(staged * (2 * d + dv) + 1));
+    T *scratch = (T *)malloc(sizeof(T) * (size_t)F(forward_scratch)(width, dv));
+    (void)part;
     a.kt = kt;
     for (int64_t g0 = begin; g0 < end; g0 += per) {
         int64_t g1 = g0 + per < end ? g0 + per : end;
-        if (job->from)
-            F(stage)(job->from, &a, g0, g1, per, g0 > begin, stage, stage + staged * d, stage + 2 * staged * d, NULL);
-        int64_t rows = job->from ? F(block_rows)(g1 - g0, c, width) : a.n + width - c;
-        a.panel0 = F(transpose)(a.kp, a.k0, rows, d, &a, g0, g1, kt);
-        F(forward_range)(&a, part, g0, g1);
+        F(sub_block)(job, &a, begin, g0, g1, stage, staged, 0, kt);
+        F(forward_chunks)(&a, scratch, g0, g1);
     }
     free(kt);
     free(stage);
+    free(scratch);
 }
 
 /* Forward of n items (sorted order, n / c chunks) over their spans. Rows: with q_index NULL, q (n, d), and
@@ -827,11 +838,7 @@ static void F(backward_part)(const void *p, int part, int64_t begin, int64_t end
     int64_t zeroed = begin * c;   /* the part's own rows are zero up to here */
     for (int64_t g0 = begin; g0 < end; g0 += per) {
         int64_t g1 = g0 + per < end ? g0 + per : end;
-        if (job->from)
-            F(stage)(job->from, &a, g0, g1, per, g0 > begin, stage, stage + staged * d, stage + 2 * staged * d,
-                     stage + staged * (2 * d + dv));
-        int64_t rows = job->from ? F(block_rows)(g1 - g0, c, width) : a.n + width - c;
-        a.panel0 = F(transpose)(a.kp, a.k0, rows, d, &a, g0, g1, kt);
+        int64_t rows = F(sub_block)(job, &a, begin, g0, g1, stage, staged, 1, kt);
         F(transpose)(a.vp, a.k0, rows, dv, &a, g0, g1, vt);
         /* the rows these chunks write first, zeroed while the writes to come can find them in cache */
         int64_t reach = g1 * c - c + width < w.mine ? g1 * c - c + width : w.mine;

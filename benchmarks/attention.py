@@ -29,7 +29,8 @@ import statistics
 import sys
 import time
 
-from reformer.experiments.speed import hf_n_buckets, measure, peak_rss_mib
+from reformer.config import transformers_n_buckets
+from reformer.experiments.speed import measure, peak_rss_mib
 
 D_MODEL, HEADS, D_HEAD, HASHES, CHUNK = 256, 4, 64, 4, 64
 IMPLEMENTATIONS = ("ours-bucket", "ours-chunk", "ours-local", "hf", "lucidrains", "sdpa")
@@ -37,7 +38,7 @@ IMPLEMENTATIONS = ("ours-bucket", "ours-chunk", "ours-local", "hf", "lucidrains"
 
 def n_buckets(length: int) -> int | tuple[int, int]:
     """transformers' rule for num_buckets=None (shared with the model benchmark and the speed experiment)."""
-    return hf_n_buckets(length, CHUNK)
+    return transformers_n_buckets(length, CHUNK)
 
 
 def build(impl: str, length: int):
@@ -46,7 +47,7 @@ def build(impl: str, length: int):
 
     if impl.startswith("ours") or impl == "sdpa":
         from reformer import ReformerConfig
-        from reformer.reversible import AttentionBranch
+        from reformer.nn.reversible import AttentionBranch
 
         kind = {"ours-bucket": "lsh", "ours-chunk": "lsh", "ours-local": "local", "sdpa": "full"}[impl]
         cfg = ReformerConfig(d_model=D_MODEL, n_heads=HEADS, d_head=D_HEAD, n_layers=1, attn_layers=kind,

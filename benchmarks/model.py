@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 
+from reformer.config import transformers_n_buckets
 from reformer.experiments import speed
 
 IMPLEMENTATIONS = ("ours", "hf", "full")
@@ -33,7 +34,7 @@ def build(impl: str, length: int, n_hashes: int):
         return speed.build_reformer(impl, length, n_hashes, LAYERS)
     from transformers import ReformerConfig, ReformerModelWithLMHead
 
-    buckets = speed.hf_n_buckets(length)
+    buckets = transformers_n_buckets(length, speed.CHUNK)
     side = 2 ** ((length.bit_length() - 1) // 2)
     cfg = ReformerConfig(vocab_size=256, hidden_size=256, num_attention_heads=4, attention_head_size=64,
                          feed_forward_size=1024, attn_layers=["lsh"] * LAYERS, num_hashes=n_hashes,

@@ -4,15 +4,12 @@ import pytest
 
 
 @pytest.fixture(params=["native", "eager"])
-def core(request, monkeypatch):
-    """Run a test on the compiled interval core (native.py) and on the eager one: both must meet the
-    same reference. The compiled one is skipped only where no C compiler builds it."""
-    from reformer import native
+def core(request):
+    """The attention backend to run a test on (ReformerConfig.attention_backend): the compiled interval core
+    and the eager one must meet the same reference. The compiled one is skipped only where no C compiler
+    builds it."""
+    from reformer.ops.backend import available_backends
 
-    native.library.cache_clear()
-    if request.param == "eager":
-        monkeypatch.setenv("REFORMER_NATIVE", "0")
-    elif native.library() is None:
+    if request.param not in available_backends():
         pytest.skip("no C compiler builds the compiled interval core here")
-    yield request.param
-    native.library.cache_clear()
+    return request.param

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from reformer import ReformerConfig
-from reformer.attention import merge_heads, normalize_keys, split_heads
+from reformer.ops.keys import normalize_keys
+from reformer.ops.layout import merge_heads, split_heads
 
 
 def tiny(**overrides) -> ReformerConfig:

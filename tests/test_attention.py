@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from helpers import full_shared_qk_attention, tiny
-from reformer.attention import FullSelfAttention, LocalSelfAttention, LSHSelfAttention
-from reformer.banded import Band, banded_attention
+from reformer.nn.attention import FullSelfAttention, LocalSelfAttention, LSHSelfAttention
+from reformer.ops.banded import banded_attention
+from reformer.ops.bands import Band, Window
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -35,7 +36,7 @@ def test_local_attention_covering_the_sequence_is_full_attention(causal, window)
 def test_local_attention_sees_exactly_its_band():
     """Without wrap-around, a causal query at t sees t - (t mod c) - c ... t and nothing else."""
     c = 4
-    band = Band(chunk_length=c, before=1, after=0, causal=True)
+    band = Band(Window(c, 1, 0), True, "local")
     n, d = 16, 16
     # One-hot values: the output row is the attention distribution over positions.
     v = torch.eye(n)[None, None]
@@ -50,7 +51,7 @@ def test_local_attention_sees_exactly_its_band():
 
 def test_bucket_window_attends_only_to_earlier_members_of_its_bucket():
     c, n = 4, 16
-    band = Band(chunk_length=c, before=1, after=0, causal=True, same_bucket=True, mask_self=True)
+    band = Band(Window(c, 1, 0), True, "bucket")
     buckets = torch.tensor([0, 0, 1, 0, 1, 1, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0])
     order = torch.argsort(buckets * n + torch.arange(n))
     positions = order[None, None]
@@ -120,11 +121,11 @@ def test_layers_ignore_padding_keys(kind, causal):
 
 
 BANDS = {
-    "causal-bucket": Band(4, 1, 0, causal=True, same_bucket=True, mask_self=True),
-    "encoder-bucket": Band(4, 1, 1, causal=False, same_bucket=True, mask_self=True),
-    "anchor-chunk": Band(4, 1, 0, causal=True, wrap=True, mask_self=True, anchor_masks=True),
-    "local": Band(4, 1, 1, causal=False),
-    "local-causal-wrap": Band(4, 2, 0, causal=True, wrap=True),
+    "causal-bucket": Band(Window(4, 1, 0), True, "bucket"),
+    "encoder-bucket": Band(Window(4, 1, 1), False, "bucket"),
+    "anchor-chunk": Band(Window(4, 1, 0), True, "anchor-lsh"),
+    "local": Band(Window(4, 1, 1), False, "local"),
+    "local-causal-wrap": Band(Window(4, 2, 0), True, "anchor-local"),
 }
 
 
@@ -162,12 +163,20 @@ def _random_rounds(seed, rounds=3, n=32, d_model=6, heads=2, d=4, dtype=torch.fl
     return h, w_qk, w_v, buckets, valid
 
 
-def _projected(h, w_qk, w_v, buckets, band, valid, **kwargs):
-    from reformer.attention import split_heads
-    from reformer.lsh_projected import lsh_attention_projected
+def _rounds(h, w_qk, w_v, buckets, band, valid, core, keep=False, dropout=0.0):
+    """The bucket window's rounds from given buckets, as backend.lsh_attention runs them after hashing:
+    the compiled core's operator, or the eager core's autograd function (``keep``: forward keeps the
+    rounds for backward). -> (B, L, heads * d)."""
+    from reformer.ops.bucket_attention import EagerLSH, project_pairs, split_pairs
+    from reformer.ops.native import ops as native_ops
 
-    qk = split_heads(h @ w_qk.T, buckets.shape[1])
-    return lsh_attention_projected(h, w_qk, w_v, qk, buckets, band, valid, **kwargs)
+    heads = buckets.shape[1]
+    qk, v = split_pairs(project_pairs(h, w_qk, w_v, heads), heads)
+    if core == "native":
+        return native_ops.lsh_bucket_attention(h, w_qk, w_v, qk, v, buckets, valid, band.chunk_length, band.before,
+                                               band.after, band.causal)[0]
+    out = EagerLSH.apply(h, w_qk, w_v, qk, v, buckets, valid, band, dropout, 7 if dropout else 0, keep)
+    return out.transpose(1, 2).reshape(h.shape[0], h.shape[1], -1)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -177,14 +186,17 @@ def test_round_by_round_equals_all_rounds_at_once(causal, one_head_at_a_time, ke
     """The layer's path (projections inside, rounds one at a time on the interval core) against the
     masked core on all rounds sorted together, with autograd through plain projections; backward
     reading the rounds forward kept (short lengths) or recomputing them (long ones)."""
-    from reformer import lsh_projected, rounds
-    from reformer.attention import combine_rounds, normalize_keys, split_heads
-    from reformer.rounds import gather_items, sort_by_bucket, unsort
+    from reformer.ops import bucket_attention
+    from reformer.ops.keys import normalize_keys
+    from reformer.ops.layout import merge_heads, split_heads
+    from reformer.ops.lsh import combine_rounds
+    from reformer.ops.sorting import gather_items, sort_by_bucket, unsort
 
+    if core == "native" and keep_rounds:
+        pytest.skip("keeping the rounds is the eager core's trade")
     if one_head_at_a_time:   # as at long lengths: head groups of one, each projected on its own
-        monkeypatch.setattr(rounds, "HEAD_GROUP_ELEMENTS", 1)
-    monkeypatch.setattr(lsh_projected, "KEEP_ROUNDS_BYTES", 1 << 30 if keep_rounds else 0)
-    band = Band(4, 1, 0 if causal else 1, causal=causal, same_bucket=True, mask_self=True)
+        monkeypatch.setattr(bucket_attention, "HEAD_GROUP_ELEMENTS", 1)
+    band = Band(Window(4, 1, 0 if causal else 1), causal, "bucket")
     h, w_qk, w_v, buckets, valid = _random_rounds(0)
     q, v = split_heads(h @ w_qk.T, 2), split_heads(h @ w_v.T, 2)
     k = normalize_keys(q)
@@ -194,8 +206,8 @@ def test_round_by_round_equals_all_rounds_at_once(causal, one_head_at_a_time, ke
         buckets=sorted_buckets, key_valid=valid[:, None, :].expand(-1, 2, -1).gather(2, positions))
     out, lse, has_other = unsort(order, out, lse, has_other)
     shape = (2, 2, 3, 32)
-    expected = combine_rounds(out.reshape(*shape, -1), lse.reshape(shape), has_other.reshape(shape))
-    got = _projected(h, w_qk, w_v, buckets, band, valid)
+    expected = merge_heads(combine_rounds(out.reshape(*shape, -1), lse.reshape(shape), has_other.reshape(shape)))
+    got = _rounds(h, w_qk, w_v, buckets, band, valid, core, keep=keep_rounds)
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
     g = torch.randn_like(got)
     grads = [torch.autograd.grad((t * g).sum(), (h, w_qk, w_v)) for t in (expected, got)]
@@ -205,15 +217,13 @@ def test_round_by_round_equals_all_rounds_at_once(causal, one_head_at_a_time, ke
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("keep_rounds", [True, False])
-def test_round_by_round_gradients_are_exact(dropout, keep_rounds, monkeypatch, core):
-    from reformer import lsh_projected
-
-    monkeypatch.setattr(lsh_projected, "KEEP_ROUNDS_BYTES", 1 << 30 if keep_rounds else 0)
-    band = Band(4, 1, 0, causal=True, same_bucket=True, mask_self=True)
+def test_round_by_round_gradients_are_exact(dropout, keep_rounds, core):
+    if core == "native" and (keep_rounds or dropout):
+        pytest.skip("keeping the rounds and dropout are the eager core's")
+    band = Band(Window(4, 1, 0), True, "bucket")
     h, w_qk, w_v, buckets, valid = _random_rounds(1, n=16)
 
     def run(h, w_qk, w_v):
-        torch.manual_seed(2)   # the same dropout masks on every evaluation
-        return _projected(h, w_qk, w_v, buckets, band, valid, dropout=dropout, training=True)
+        return _rounds(h, w_qk, w_v, buckets, band, valid, core, keep=keep_rounds, dropout=dropout)
 
     assert torch.autograd.gradcheck(run, (h, w_qk, w_v), eps=1e-6, atol=1e-6, fast_mode=True)

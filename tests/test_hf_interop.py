@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from reformer import ReformerLM
+from reformer.interop.hf import load_hf, save_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -56,7 +57,7 @@ def assert_parity(name, hf, ours, ids, mask=None):
 @pytest.mark.parametrize("length", [64, 45])
 def test_logits_match_transformers(name, length):
     hf = hf_model(name)
-    ours = ReformerLM.from_hf(hf)
+    ours = load_hf(hf)
     ids = torch.randint(0, 64, (2, length), generator=torch.Generator().manual_seed(3))
     assert_parity(f"{name} L={length}", hf, ours, ids)
 
@@ -65,7 +66,7 @@ def test_logits_match_transformers(name, length):
 def test_length_equal_to_chunk_uses_transformers_full_attention_fallback(name):
     hf = hf_model(name)
     ids = torch.randint(0, 64, (3, 8), generator=torch.Generator().manual_seed(4))
-    assert_parity(f"{name} L=chunk", hf, ReformerLM.from_hf(hf), ids)
+    assert_parity(f"{name} L=chunk", hf, load_hf(hf), ids)
 
 
 @pytest.mark.parametrize("name", ["crime-and-punishment", "encoder"])
@@ -75,21 +76,21 @@ def test_padded_batch_with_attention_mask(name):
     mask = torch.ones_like(ids)
     mask[1, 30:] = 0
     mask[2, 9:] = 0
-    assert_parity(f"{name} padded", hf, ReformerLM.from_hf(hf), ids, mask)
+    assert_parity(f"{name} padded", hf, load_hf(hf), ids, mask)
 
 
 def test_import_from_a_saved_folder_and_export_back(tmp_path):
     hf = hf_model("crime-and-punishment")
     hf.save_pretrained(tmp_path / "hf")
-    ours = ReformerLM.from_hf(tmp_path / "hf")
+    ours = load_hf(tmp_path / "hf")
     ids = torch.randint(0, 64, (2, 40))
     assert_parity("crime-and-punishment from folder", hf, ours, ids)
 
-    ours.save_hf(tmp_path / "back")
+    save_hf(ours, tmp_path / "back")
     reloaded = transformers.ReformerModelWithLMHead.from_pretrained(tmp_path / "back").eval()
     assert_parity("crime-and-punishment exported", reloaded, ours, ids)
 
-    again = ReformerLM.from_hf(tmp_path / "back")
+    again = load_hf(tmp_path / "back")
     for (name, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
     with torch.no_grad():
@@ -98,8 +99,8 @@ def test_import_from_a_saved_folder_and_export_back(tmp_path):
 
 def test_encoder_exports_as_masked_lm(tmp_path):
     hf = hf_model("encoder")
-    ours = ReformerLM.from_hf(hf)
-    ours.save_hf(tmp_path)
+    ours = load_hf(hf)
+    save_hf(ours, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["ReformerForMaskedLM"]
     reloaded = transformers.ReformerForMaskedLM.from_pretrained(tmp_path).eval()
     assert_parity("encoder exported", reloaded, ours, torch.randint(0, 64, (2, 33)))
@@ -116,18 +117,18 @@ def test_unmappable_fields_are_named(tmp_path):
     with pytest.raises(ValueError, match="model_type"):
         config_from_hf({**good, "model_type": "bert"})
     with pytest.raises(ValueError, match="config.json is missing"):
-        ReformerLM.from_hf(tmp_path)
+        load_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(good))
     (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="cannot read weights"):
-        ReformerLM.from_hf(tmp_path)
+        load_hf(tmp_path)
 
 
 def test_bucket_window_models_refuse_export(tmp_path):
     from helpers import tiny
 
     with pytest.raises(ValueError, match="lsh_window"):
-        ReformerLM(tiny()).save_hf(tmp_path)
+        save_hf(ReformerLM(tiny()), tmp_path)
 
 
 def test_import_from_pytorch_model_bin(tmp_path):
@@ -135,4 +136,4 @@ def test_import_from_pytorch_model_bin(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hf.config.to_dict()))
     torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
     ids = torch.randint(0, 64, (1, 50))
-    assert_parity("enwik8 from pytorch_model.bin", hf, ReformerLM.from_hf(tmp_path), ids)
+    assert_parity("enwik8 from pytorch_model.bin", hf, load_hf(tmp_path), ids)

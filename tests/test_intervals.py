@@ -1,11 +1,13 @@
-"""The interval core (intervals.py) against the general masked core (banded.py), which it replaces for
-our own bands: same outputs, normalisers and gradients, and clear errors for spans it cannot serve."""
+"""The eager interval core (intervals.py) against the general masked core (banded.py), which it replaces
+for our own bands: same outputs, normalisers and gradients, and clear errors for spans it cannot serve.
+(test_native.py holds the compiled core to the eager one.)"""
 
 import pytest
 import torch
 
-from reformer.banded import Band, banded_attention
-from reformer.intervals import Window, bucket_spans, interval_attention, local_spans, make_spans
+from reformer.ops.banded import banded_attention
+from reformer.ops.bands import Band, Window
+from reformer.ops.intervals import bucket_spans, interval_attention, local_spans, make_spans
 
 
 def _inputs(seed, batch=2, heads=3, length=32, d=5):
@@ -26,7 +28,7 @@ def _local(q, k, v, window: Window, causal: bool, valid):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("before,after,chunk", [(1, 0, 4), (1, 1, 4), (2, 0, 4), (1, 1, 128)])
 @pytest.mark.parametrize("padded", [False, True])
-def test_local_spans_equal_the_masked_core(causal, before, after, chunk, padded, core):
+def test_local_spans_equal_the_masked_core(causal, before, after, chunk, padded):
     """Chunk 128 with a window of 384 keys takes the comparison path instead of the interval table."""
     length = 32 if chunk == 4 else 256
     q, k, v = _inputs(0, length=length)
@@ -34,7 +36,7 @@ def test_local_spans_equal_the_masked_core(causal, before, after, chunk, padded,
     if padded:   # random padding, and a run of it that leaves some queries no key but themselves
         valid = torch.rand(2, length, generator=torch.Generator().manual_seed(1)) > 0.3
         valid[:, 8:20] = False
-    band = Band(chunk, before, after, causal=causal)
+    band = Band(Window(chunk, before, after), causal, "local")
     expected = banded_attention(q, k, v, torch.arange(length)[None, None], band,
                                 key_valid=None if valid is None else valid[:, None, :])
     got = _local(q, k, v, Window(chunk, before, after), causal, valid)
@@ -48,7 +50,7 @@ def test_local_spans_equal_the_masked_core(causal, before, after, chunk, padded,
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_bucket_spans_equal_the_masked_core(causal, core):
+def test_bucket_spans_equal_the_masked_core(causal):
     """One round of LSH's bucket window over a sorted sequence, padding in a bucket of its own."""
     q, k, v = _inputs(2)
     g = torch.Generator().manual_seed(3)
@@ -61,9 +63,9 @@ def test_bucket_spans_equal_the_masked_core(causal, core):
     valid = torch.ones(2, 3, length, dtype=torch.bool)
     valid[1, :, -5:] = False
     sorted_valid = valid.gather(2, order)
-    band = Band(c, 1, 0 if causal else 1, causal=causal, same_bucket=True, mask_self=True)
+    band = Band(Window(c, 1, 0 if causal else 1), causal, "bucket")
     expected = banded_attention(q, k, v, order, band, buckets=sorted_buckets, key_valid=sorted_valid)
-    window = Window(c, band.before, band.after)
+    window = band.window
     spans = bucket_spans(window, sorted_buckets.flatten(), length, causal, sorted_valid.flatten())
     out, lse, has_other = interval_attention(q.reshape(-1, 5), k.reshape(-1, 5), v.reshape(-1, 5), spans,
                                              window)
@@ -73,17 +75,16 @@ def test_bucket_spans_equal_the_masked_core(causal, core):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_interval_core_gradients_are_exact(dropout, core):
+def test_interval_core_gradients_are_exact(dropout):
     """The hand-written backward against finite differences, with padding keys and dropout."""
     q, k, v = (t.detach()[:1, :2, :16, :3].requires_grad_() for t in _inputs(4))
     valid = torch.rand(1, 16, generator=torch.Generator().manual_seed(5)) > 0.3
     window = Window(4, 1, 0)
     spans = local_spans(window, 32, 16, True, valid[:, None, :].expand(1, 2, 16).reshape(-1))
 
-    def run(q, k, v):
-        torch.manual_seed(1)   # the same dropout masks on every evaluation
+    def run(q, k, v):   # the same dropout masks (seed 1) on every evaluation
         out, lse, _ = interval_attention(q.reshape(-1, 3), k.reshape(-1, 3), v.reshape(-1, 3), spans, window,
-                                         dropout=dropout, training=True)
+                                         dropout=dropout, seed=1)
         return out, lse
 
     assert torch.autograd.gradcheck(run, (q, k, v), eps=1e-6, atol=1e-6, fast_mode=True)

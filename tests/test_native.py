@@ -1,6 +1,6 @@
-"""The compiled interval core (native.py, interval_kernels.c) against the eager one, at sizes that reach
-its blocks, tails and vector remainders; and its build: used where a compiler exists, refused cleanly
-where none works."""
+"""The compiled interval core (ops/native: kernels.c, its typed calls and its operators) against the eager
+one, at sizes that reach its blocks, tails and vector remainders; and its build: used where a compiler
+exists, refused cleanly where none works."""
 
 import json
 import logging
@@ -11,25 +11,51 @@ import sys
 import pytest
 import torch
 
-from reformer import intervals, native
-from reformer.intervals import Window, bucket_spans, local_spans, pad_keys
+from helpers import tiny
+from reformer import ReformerConfig, ReformerLM
+from reformer.ops import backend, intervals
+from reformer.ops.bands import Band, Window
+from reformer.ops.intervals import bucket_spans, local_spans, pad_keys
+from reformer.ops.native import build as native
+from reformer.ops.native import kernels
 
 
 @pytest.fixture
 def compiled():
     native.library.cache_clear()
-    if native._compiler() is None:
+    if native.compiler() is None:
         pytest.skip("no C compiler on this machine")
     yield native.library()
     native.library.cache_clear()
+    kernels._lib.cache_clear()
 
 
 def test_the_compiled_core_is_built_where_a_compiler_exists(compiled):
-    """Guards against a silent fallback: every other test would still pass on the eager core."""
+    """Guards against a machine where every test ran on the eager core: auto chooses the compiled one
+    wherever it serves the call, and names what it lacks where it does not."""
     assert compiled is not None
-    assert intervals.native_core(torch.zeros(1), 0.0)
-    assert not intervals.native_core(torch.zeros(1), 0.1)                      # dropout: eager
-    assert not intervals.native_core(torch.zeros(1, dtype=torch.bfloat16), 0.0)
+    assert "native" in backend.available_backends()
+    x, band = torch.zeros(1, 8, 4), Band(Window(4, 1, 0), True, "bucket")
+    assert backend.choose_core("auto", x, band, 0.0) == "native"
+    assert backend.choose_core("auto", x, band, 0.1) == "eager"                       # attention dropout
+    assert backend.choose_core("auto", x.bfloat16(), band, 0.0) == "eager"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert backend.choose_core("auto", x, band, 0.0) == "eager"
+    local = Band(Window(4, 1, 0), True, "local")
+    assert backend.choose_core("auto", x, local, 0.0, key_padding=True) == "eager"
+    assert backend.choose_core("eager", x, band, 0.0) == "eager"
+    with pytest.raises(ValueError, match=r"'native' needs float32 or float64 \(this is torch.bfloat16\), no attention dropout"):
+        backend.choose_core("native", x.bfloat16(), band, 0.1)
+    with pytest.raises(ValueError, match="local layers without padding keys"):
+        backend.choose_core("native", x, local, 0.0, key_padding=True)
+
+
+def test_the_source_builds_without_a_warning(compiled):
+    """-Wall -Wextra, for both ways of threading."""
+    for flags in native.THREADING.values():
+        result = subprocess.run([native.compiler(), *native.FLAGS, *flags, str(native.SOURCE), "-o", os.devnull,
+                                 "-lm"], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0 and "warning" not in result.stderr, result.stderr
 
 
 def _case(kind: str, dtype, seed: int = 0):
@@ -53,22 +79,28 @@ def _case(kind: str, dtype, seed: int = 0):
     return window, spans, q, pad_keys(k, window), pad_keys(v, window), d_out, row
 
 
-def _both(kind, dtype, monkeypatch):
-    window, spans, q, k, v, d_out, row = _case(kind, dtype)
-    results = []
-    for use in (True, False):
-        monkeypatch.setattr(intervals, "native_core", lambda *args, use=use, **kwargs: use)
-        out, lse, has_other = intervals.interval_forward(q, k, v, spans, window)
-        grads = intervals.interval_backward(q, k, v, spans, window, d_out, row, lse=lse)
-        results.append((out, lse, has_other, *grads))
-    return results
+def _compiled_core(q, k, v, spans, window, d_out, row):
+    """interval_forward and interval_backward on the compiled core, through its typed calls."""
+    c = window.chunk_length
+    out, lse = q.new_empty(q.shape[0], v.shape[-1]), q.new_empty(q.shape[0])
+    kernels.forward(q, k, v, spans, c, window.width, window.before * c, lse, out=out)
+    grads = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    kernels.backward(q, k, v, d_out, spans, c, window.width, window.before * c, lse, row, *grads)
+    return out, lse, spans.has_other, *grads
+
+
+def _eager_core(q, k, v, spans, window, d_out, row):
+    out, lse, has_other = intervals.interval_forward(q, k, v, spans, window)
+    return out, lse, has_other, *intervals.interval_backward(q, k, v, spans, window, d_out, row)
 
 
 @pytest.mark.parametrize("kind", ["bucket", "local"])
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
-def test_compiled_core_equals_the_eager_core(kind, dtype, tolerance, compiled, monkeypatch):
+def test_compiled_core_equals_the_eager_core(kind, dtype, tolerance, compiled):
     """Outputs, normalisers and the gradients of q, padded keys and values (every padded row)."""
-    compiled_results, eager_results = _both(kind, dtype, monkeypatch)
+    window, spans, q, k, v, d_out, row = _case(kind, dtype)
+    case = (q, k, v, spans, window, d_out, row)
+    compiled_results, eager_results = _compiled_core(*case), _eager_core(*case)
     for name, have, want in zip(("out", "lse", "has_other", "d_q", "d_k", "d_v"), compiled_results,
                                 eager_results):
         if want.dtype == torch.bool:
@@ -82,8 +114,8 @@ def test_compiled_core_is_deterministic_and_thread_count_only_reorders_sums(comp
 
     def run(threads):
         torch.set_num_threads(threads)
-        out, lse, _ = intervals.interval_forward(q, k, v, spans, window)
-        return out, lse, *intervals.interval_backward(q, k, v, spans, window, d_out, row, lse=lse)
+        out, lse, _, *grads = _compiled_core(q, k, v, spans, window, d_out, row)
+        return out, lse, *grads
 
     threads = torch.get_num_threads()
     try:
@@ -106,14 +138,15 @@ def test_kernels_on_torchs_threads_equal_the_kernels_on_threads_of_their_own(com
     window, spans, q, k, v, d_out, row = _case("bucket", torch.float32, seed=2)
 
     def run():
-        out, lse, _ = intervals.interval_forward(q, k, v, spans, window)
-        return out, lse, *intervals.interval_backward(q, k, v, spans, window, d_out, row, lse=lse)
+        out, lse, _, *grads = _compiled_core(q, k, v, spans, window, d_out, row)
+        return out, lse, *grads
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         on_torchs = run()
         native.library.cache_clear()
+        kernels._lib.cache_clear()
         monkeypatch.setattr(native, "THREADING", {"pthreads": native.THREADING["pthreads"]})
         assert native.library().threading == "pthreads"
         on_their_own = run()
@@ -137,48 +170,44 @@ def _lsh_layer_case(dtype, length=8192, heads=2, rounds=3, d=64, d_model=32):
     buckets[1, :, :, length - 100:] += torch.arange(rounds)[:, None]
     valid = torch.ones(2, length, dtype=torch.bool)
     valid[1, length - 100:] = False
-    d_out = torch.randn(2, heads, length, d, generator=g, dtype=dtype)
+    d_out = torch.randn(2, length, heads * d, generator=g, dtype=dtype)
     return h, w_qk, w_v, buckets, valid, d_out
 
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-11), (torch.float32, 1e-5)])
 def test_fused_rounds_equal_the_eager_rounds(causal, dtype, tolerance, compiled, monkeypatch):
-    """The LSH layer's rounds on the compiled core, which gathers the rows of each round itself (each
-    thread's part several sub-blocks, the window rows they share carried over; head groups of one) and
-    combines the rounds in position order, against the eager rounds: output and the gradients of the
-    input and both weights."""
-    from reformer import lsh_projected, rounds
-    from reformer.attention import split_heads
-    from reformer.banded import Band
+    """The LSH layer's rounds on the compiled core (reformer::lsh_bucket_attention), which gathers the rows
+    of each round itself (each thread's part several sub-blocks, the window rows they share carried over;
+    head groups of one) and combines the rounds in position order, against the eager rounds: output and
+    the gradients of the input and both weights."""
+    from reformer.ops import bucket_attention, fused_rounds
+    from reformer.ops.bucket_attention import EagerLSH, project_pairs, split_pairs
+    from reformer.ops.native import ops as native_ops
 
-    monkeypatch.setattr(rounds, "HEAD_GROUP_ELEMENTS", 1)
-    monkeypatch.setattr(lsh_projected, "KEEP_ROUNDS_BYTES", 0)
+    monkeypatch.setattr(bucket_attention, "HEAD_GROUP_ELEMENTS", 1)
     h, w_qk, w_v, buckets, valid, d_out = _lsh_layer_case(dtype)
-    band = Band(64, 1, 0 if causal else 1, causal=causal, same_bucket=True, mask_self=True)
+    band = Band(Window(64, 1, 0 if causal else 1), causal, "bucket")
     fused_calls = []
-    for name in ("_fused_forward", "_fused_backward"):
-        original = getattr(rounds, name)
-        monkeypatch.setattr(rounds, name, lambda *a, f=original, name=name: fused_calls.append(name) or f(*a))
-
-    def run(use_native):
-        monkeypatch.setattr(lsh_projected, "native_core", lambda *args, **kwargs: use_native)
-        qk = split_heads(h @ w_qk.T, buckets.shape[1])
-        out = lsh_projected.lsh_attention_projected(h, w_qk, w_v, qk, buckets, band, valid)
-        return out, *torch.autograd.grad((out * d_out).sum(), (h, w_qk, w_v))
-
-    fused, eager = run(True), run(False)
-    assert fused_calls == ["_fused_forward"] * 2 + ["_fused_backward"] * 2   # one per head
+    for name in ("forward", "backward"):
+        original = getattr(fused_rounds, name)
+        monkeypatch.setattr(fused_rounds, name, lambda *a, f=original, name=name: fused_calls.append(name) or f(*a))
+    qk, v = split_pairs(project_pairs(h, w_qk, w_v, 2), 2)
+    out = native_ops.lsh_bucket_attention(h, w_qk, w_v, qk, v, buckets, valid, 64, 1, 0 if causal else 1, causal)[0]
+    fused = (out, *torch.autograd.grad((out * d_out).sum(), (h, w_qk, w_v)))
+    assert fused_calls == ["forward"] * 2 + ["backward"] * 2   # one per head
+    out = EagerLSH.apply(h, w_qk, w_v, qk, v, buckets, valid, band, 0.0, 0, False).transpose(1, 2).flatten(2)
+    eager = (out, *torch.autograd.grad((out * d_out).sum(), (h, w_qk, w_v)))
     for name, have, want in zip(("out", "d_h", "d_w_qk", "d_w_v"), fused, eager):
         torch.testing.assert_close(have, want, rtol=tolerance, atol=tolerance * want.abs().max().item(), msg=name)
 
 
 @pytest.mark.parametrize("n_buckets", [2, 8, 64, (4, 2), (32, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_compiled_hashing_equals_the_eager_hashing(n_buckets, dtype, compiled, monkeypatch):
+def test_compiled_hashing_equals_the_eager_hashing(n_buckets, dtype, compiled):
     """Bucket ids in one compiled pass against max and min per factor, ties included: zero vectors,
     and vectors whose rotations reach the maximum twice (the first of [xR, -xR] wins)."""
-    from reformer import hashing
+    from reformer.ops import hashing
 
     g = torch.Generator().manual_seed(0)
     rotations = hashing.draw_rotations(3, 2, 8, 3, n_buckets).to(dtype)
@@ -187,11 +216,8 @@ def test_compiled_hashing_equals_the_eager_hashing(n_buckets, dtype, compiled, m
     vectors[:, :, 50:100] = vectors[:, :, 50:100].round()    # small integers: exact ties are common
     rotations_ties = rotations.round()
     for rot in (rotations, rotations_ties):
-        compiled_ids = hashing.hash_vectors(vectors, rot, n_buckets)
-        monkeypatch.setattr(native, "supports", lambda *tensors: False)
-        eager_ids = hashing.hash_vectors(vectors, rot, n_buckets)
-        monkeypatch.undo()
-        assert torch.equal(compiled_ids, eager_ids)
+        compiled_ids = hashing.hash_vectors(vectors, rot, n_buckets, compiled=True)
+        assert torch.equal(compiled_ids, hashing.hash_vectors(vectors, rot, n_buckets))
 
 
 @pytest.mark.parametrize("causal,window", [(True, Window(5, 2, 0)), (False, Window(4, 1, 1)), (True, Window(8, 1, 0))])
@@ -200,7 +226,7 @@ def test_compiled_round_sort_and_spans_equal_the_eager_ones(causal, window, sequ
     """native.round_spans (a counting sort per sequence, spans in the same pass) against sort_by_bucket,
     bucket_spans and make_spans, with padding in buckets of its own, on a strided view of the buckets:
     six sequences (one per thread at a time), and one (sorted on one thread, its spans on all)."""
-    from reformer.rounds import _row_index, sort_by_bucket, sorted_validity
+    from reformer.ops.sorting import row_index, sort_by_bucket, sorted_validity
 
     g = torch.Generator().manual_seed(0)
     batch, heads, rounds, length = 2, 3, 2, 200
@@ -214,19 +240,19 @@ def test_compiled_round_sort_and_spans_equal_the_eager_ones(causal, window, sequ
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        positions, order, lo, hi, skip, has_other = native.round_spans(one_round, valid, window.chunk_length,
+        positions, order, lo, hi, skip, has_other = kernels.round_spans(one_round, valid, window.chunk_length,
                                                                        window.before, window.after, causal)
         _, want_positions, sorted_buckets = sort_by_bucket(one_round[:, :, None])
         want = bucket_spans(window, sorted_buckets.flatten(), length, causal,
                             sorted_validity(valid, want_positions).flatten())
         assert torch.equal(positions, want_positions)
-        assert torch.equal(order, _row_index(want_positions, length))
+        assert torch.equal(order, row_index(want_positions, length))
         for name, have, expected in (("lo", lo, want.lo), ("hi", hi, want.hi), ("skip", skip, want.skip),
                                      ("has_other", has_other, want.has_other)):
             assert torch.equal(have, expected), name
         buckets[-1, :, 1, length - 1] = 50                    # a padding item in a real item's bucket
         with pytest.raises(ValueError, match="padding shares a bucket"):
-            native.round_spans(buckets[:, :, 1], valid, window.chunk_length, window.before, window.after, causal)
+            kernels.round_spans(buckets[:, :, 1], valid, window.chunk_length, window.before, window.after, causal)
     finally:
         torch.set_num_threads(threads)
 
@@ -234,7 +260,7 @@ def test_compiled_round_sort_and_spans_equal_the_eager_ones(causal, window, sequ
 def test_huge_page_buffers_are_plain_tensors():
     """memory.empty: the shape, dtype and device asked for, writable, starting on a huge page when large,
     and freed with the tensor (no leak of mappings)."""
-    from reformer import memory
+    from reformer.ops import memory
 
     like = torch.zeros(1, dtype=torch.float64)
     small = memory.empty((3, 5), like)
@@ -255,7 +281,7 @@ def test_huge_page_buffers_are_plain_tensors():
 
 @pytest.mark.parametrize("setting,offered", [("always [madvise] never", True), ("always madvise [never]", False)])
 def test_huge_pages_are_asked_for_only_where_the_kernel_offers_them(setting, offered, monkeypatch):
-    from reformer import memory
+    from reformer.ops import memory
 
     class Setting:
         def __init__(self, path):
@@ -273,8 +299,11 @@ def test_huge_pages_are_asked_for_only_where_the_kernel_offers_them(setting, off
 
 
 _TORCH_BLOCK = """
-import json, os
+import json, os, sys
 import reformer, torch
+if sys.argv[1] == "offer":
+    from reformer.ops import memory
+    memory.offer_huge_pages_to_torch()
 block = torch.empty(16 << 20)   # 64 MiB from torch's allocator
 advised, inside = False, False
 for line in open("/proc/self/smaps"):
@@ -289,23 +318,25 @@ print(json.dumps([os.environ.get("THP_MEM_ALLOC_ENABLE"), advised]))
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
-@pytest.mark.parametrize("env", [{}, {"REFORMER_HUGE_PAGES": "0"}, {"THP_MEM_ALLOC_ENABLE": "0"}])
-def test_importing_reformer_puts_torchs_large_blocks_on_huge_pages(env):
-    """Unless switched off, set by the user, or not offered by the kernel: torch then asks for huge pages
-    (MADV_HUGEPAGE) for its large blocks."""
-    from reformer import memory
+@pytest.mark.parametrize("env,offer", [({}, True), ({}, False), ({"REFORMER_HUGE_PAGES": "0"}, True),
+                                       ({"THP_MEM_ALLOC_ENABLE": "0"}, True)])
+def test_offering_huge_pages_puts_torchs_large_blocks_on_them(env, offer):
+    """offer_huge_pages_to_torch (the CLI calls it first): unless switched off, set by the user, or not
+    offered by the kernel, torch then asks for huge pages (MADV_HUGEPAGE) for its large blocks. Importing
+    reformer alone asks for nothing."""
+    from reformer.ops import memory
 
     environment = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "REFORMER_HUGE_PAGES")}
-    result = subprocess.run([sys.executable, "-c", _TORCH_BLOCK], env={**environment, **env}, capture_output=True,
-                            text=True, check=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", _TORCH_BLOCK, "offer" if offer else "import"],
+                            env={**environment, **env}, capture_output=True, text=True, check=True, timeout=300)
     value, advised = json.loads(result.stdout)
-    asked = not env and memory._huge_pages_offered()
+    asked = offer and not env and memory._huge_pages_offered()
     assert value == ("1" if asked else env.get("THP_MEM_ALLOC_ENABLE"))
     assert advised is asked
 
 
 def test_item_rows_refuse_to_write_into_a_copy():
-    from reformer.rounds import item_rows
+    from reformer.ops.fused_rounds import item_rows
 
     x = torch.zeros(1, 2, 8, 6)[..., ::2]   # rows that are not whole in memory
     positions = torch.arange(8).expand(1, 2, 8)
@@ -317,7 +348,8 @@ def test_item_rows_refuse_to_write_into_a_copy():
 def test_item_rows_reuse_the_index_of_rows_laid_out_alike():
     """Side by side in one buffer (the backward's qk|v rows), two heads' tensors share their rows' offsets;
     a tensor laid out otherwise, or one that is not in place, gets its own."""
-    from reformer.rounds import heads_rows, item_rows
+    from reformer.ops.fused_rounds import item_rows
+    from reformer.ops.layout import heads_rows
 
     g = torch.Generator().manual_seed(0)
     rows = torch.randn(2 * 10, 2 * 3 * 4, generator=g)            # (B L, [qk | v] of 3 heads x 4)
@@ -340,24 +372,36 @@ def test_item_rows_reuse_the_index_of_rows_laid_out_alike():
     assert item_rows(copied, positions, like=(copied, copied_rows)).index is not copied_rows.index
 
 
-def test_native_can_be_switched_off(monkeypatch):
-    native.library.cache_clear()
-    monkeypatch.setenv("REFORMER_NATIVE", "0")
-    try:
-        assert native.library() is None
-        assert not intervals.native_core(torch.zeros(1), 0.0)
-    finally:
-        native.library.cache_clear()
+def test_the_eager_backend_never_calls_the_compiled_core(compiled, monkeypatch):
+    """attention_backend="eager" is the one switch: nothing reaches the kernels."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the compiled core was called")
+
+    for name in ("forward", "backward", "scatter_gradients", "hash_buckets", "round_spans"):
+        monkeypatch.setattr(kernels, name, refuse)
+    torch.manual_seed(0)
+    model = ReformerLM(tiny(attn_layers=("lsh", "local"), attention_backend="eager")).train()
+    model.loss(torch.randint(0, 64, (2, 40))).backward()
+    with pytest.raises(AssertionError, match="compiled core was called"):
+        ReformerLM(tiny(attn_layers=("lsh", "local"))).loss(torch.randint(0, 64, (2, 40)))
 
 
 def test_a_compiler_that_fails_leaves_the_eager_core_and_says_so(monkeypatch, tmp_path, caplog):
     native.library.cache_clear()
+    backend.available_backends.cache_clear()
     monkeypatch.setenv("CC", "false")   # exists everywhere, compiles nothing
     monkeypatch.setenv("REFORMER_CACHE", str(tmp_path))
     try:
-        with caplog.at_level(logging.WARNING, logger="reformer.native"):
+        with caplog.at_level(logging.WARNING, logger="reformer.ops.native.build"):
             assert native.library() is None
-        assert "running it eagerly" in caplog.text
+        assert "attention_backend 'native' is not available" in caplog.text
         assert not list(tmp_path.rglob("*.so"))
+        assert "native" not in backend.available_backends()
+        with pytest.raises(ValueError, match="attention_backend 'native' is not available on this machine"):
+            ReformerConfig(attention_backend="native")
+        x = torch.zeros(1, 8, 4)
+        assert backend.choose_core("auto", x, Band(Window(4, 1, 0), True, "bucket"), 0.0) == "eager"
     finally:
         native.library.cache_clear()
+        backend.available_backends.cache_clear()
+        kernels._lib.cache_clear()

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from reformer import ReformerConfig, ReformerLM
-from reformer.checkpoint import CheckpointError, load_checkpoint, load_model
-from reformer.data import Corpus, window_batch
-from reformer.train import TrainConfig, lr_factor, train
+from reformer.training.checkpoint import CheckpointError, load_checkpoint, load_model
+from reformer.training.data import Corpus, window_batch
+from reformer.training.loop import TrainConfig, lr_factor, train
 
 REPO = Path(__file__).resolve().parents[1]
 

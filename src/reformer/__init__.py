@@ -1,13 +1,13 @@
-"""reformer: transformers for very long sequences with LSH attention and reversible layers."""
+"""reformer: transformers for very long sequences with LSH attention and reversible layers.
 
-from . import memory
+Importing the package changes nothing in the process: no environment variables, no global torch settings,
+no random state (tests/test_layout.py holds it to that).
+"""
 
-# First, before any of torch's large blocks: put them on huge pages (see memory.py).
-memory.offer_huge_pages_to_torch()
+from .config import ReformerConfig
+from .nn.attention import FullSelfAttention, LocalSelfAttention, LSHSelfAttention
+from .nn.model import ReformerLM
+from .version import __version__
 
-from .attention import FullSelfAttention, LocalSelfAttention, LSHSelfAttention  # noqa: E402
-from .config import ReformerConfig  # noqa: E402
-from .model import ReformerLM  # noqa: E402
-
-__all__ = ["ReformerConfig", "ReformerLM", "LSHSelfAttention", "LocalSelfAttention", "FullSelfAttention"]
-__version__ = "0.1.0"
+__all__ = ["ReformerConfig", "ReformerLM", "LSHSelfAttention", "LocalSelfAttention", "FullSelfAttention",
+           "__version__"]

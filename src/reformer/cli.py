@@ -12,10 +12,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointError, is_run_dir
 from .config import ATTENTION_KINDS, LSH_WINDOWS, ReformerConfig
-from .data import DataError
-from .train import OPTIMIZERS, SCHEDULES, TrainConfig
+from .ops import memory
+from .training.checkpoint import CheckpointError, is_run_dir
+from .training.data import DataError
+from .training.loop import OPTIMIZERS, SCHEDULES, TrainConfig
 
 DEFAULT_RUN_DIR = "runs/default"
 
@@ -83,7 +84,7 @@ def _model_config(args) -> ReformerConfig:
 
 
 def cmd_train(args) -> int:
-    from .train import train
+    from .training.loop import train
 
     if args.resume:
         if not is_run_dir(Path(args.resume)):
@@ -116,9 +117,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .checkpoint import load_model, read_json
-    from .data import Corpus
-    from .train import evaluate
+    from .training.checkpoint import load_model, read_json
+    from .training.data import Corpus
+    from .training.loop import evaluate
 
     model = load_model(args.run_dir)
     train_json = read_json(Path(args.run_dir) / "train.json") if (Path(args.run_dir) / "train.json").is_file() \
@@ -137,8 +138,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .checkpoint import load_model
     from .generate import generate
+    from .training.checkpoint import load_model
 
     model = load_model(args.run_dir)
     prompt = args.prompt.encode("utf-8")
@@ -163,8 +164,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .checkpoint import load_model, save_weights, write_atomically
-    from .model import ReformerLM
+    from .files import write_atomically
+    from .interop import hf
+    from .training.checkpoint import load_model, save_weights
 
     if bool(args.from_hf) == bool(args.to_hf):
         raise UsageError("give exactly one of --from-hf FOLDER or --to-hf RUN_DIR")
@@ -172,11 +174,11 @@ def cmd_convert(args) -> int:
     if args.from_hf:
         if not Path(args.from_hf).is_dir():
             raise UsageError(f"{args.from_hf} is not a folder")
-        model = ReformerLM.from_hf(args.from_hf)
+        model = hf.load_hf(args.from_hf)
         write_atomically(out / "config.json", model.config.to_json())
         save_weights(model, out / "model.safetensors")
     else:
-        load_model(args.to_hf).save_hf(out)
+        hf.save_hf(load_model(args.to_hf), out)
     print(json.dumps({"written": str(out)}))
     return 0
 
@@ -243,6 +245,8 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "con
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before torch's first large block: the command's big tensors on huge pages (see ops/memory.py).
+    memory.offer_huge_pages_to_torch()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

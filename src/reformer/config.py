@@ -14,6 +14,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from .ops.backend import ATTENTION_BACKENDS, check_backend
+from .ops.hashing import SEED_LIMIT
+
 ATTENTION_KINDS = ("lsh", "local", "full")
 LSH_WINDOWS = ("bucket", "chunk")
 POSITION_EMBEDDINGS = ("axial", "learned", "none")
@@ -38,14 +41,19 @@ def _check_probability(name: str, value: Any) -> None:
         raise _fail(name, "a probability in [0, 1)", value)
 
 
-def default_n_buckets(max_seq_len: int, chunk_length: int) -> int:
-    """Buckets for sequences up to ``max_seq_len``: the power of two nearest below 2 * L / chunk.
+def transformers_n_buckets(length: int, chunk_length: int, factorise: bool = True) -> int | tuple[int, int]:
+    """transformers' rule for num_buckets=None: 2^floor(log2(2 L / chunk)) buckets, at least 2, and, with
+    ``factorise``, split into two factors (2^floor(p / 2), 2^ceil(p / 2)) above 2 max(sqrt(L / chunk), chunk).
 
-    This is transformers' rule, but applied to the configured maximum length once, not to the length of
-    whatever batch comes first: the bucket count then never depends on the input, which is what keeps
+    The config's default applies it, unfactorised, to the configured maximum length once, not to the length
+    of whatever batch comes first: the bucket count then never depends on the input, which is what keeps
     hashing (and so every output) independent of later tokens.
     """
-    return max(2, 2 ** int(math.floor(math.log2(max(2, 2 * max_seq_len // chunk_length)))))
+    power = max(1, int(math.floor(math.log2(max(2, 2 * length // chunk_length)))))
+    limit = 2 * max(int((length // chunk_length) ** 0.5), chunk_length)
+    if factorise and 2**power > limit:
+        return 2 ** (power // 2), 2 ** (power - power // 2)
+    return 2**power
 
 
 @dataclass
@@ -79,9 +87,13 @@ class ReformerConfig:
             sequence, wrapping around from the first chunk of a round to the last chunk of the one before;
             local layers wrap around too. For checkpoint parity with transformers.
         causal: decoder (True) or bidirectional encoder (False).
-        hash_seed: seed of the hashing rotations. Evaluation hashes with rotations drawn from it alone
-            (as transformers does); training draws fresh rotations on each call from (hash_seed, layer,
-            call number). Hashing never touches the global torch RNG.
+        hash_seed: seed of the hashing rotations, below 2^63. Evaluation hashes with rotations drawn from
+            it alone (as transformers does); training draws fresh rotations on each call from (hash_seed,
+            layer, call number). Hashing never touches the global torch RNG.
+        attention_backend: which attention core runs (ops/backend.py): "auto" (the compiled core on the
+            CPU in float32 and float64, FlexAttention on CUDA, the eager core elsewhere), "native",
+            "flex" or "eager". The cores compute the same function; a backend this machine lacks, or
+            one that cannot serve the config (the anchors' chunk window, attention dropout), is refused.
 
     Layers
         reversible: reversible residual stack (activations stored once) or plain autograd.
@@ -117,6 +129,7 @@ class ReformerConfig:
     lsh_window: str = "bucket"
     causal: bool = True
     hash_seed: int = 0
+    attention_backend: str = "auto"
     reversible: bool = True
     ff_chunk_size: int = 0
     position_embedding: str = "axial"
@@ -137,6 +150,8 @@ class ReformerConfig:
         _check_int("n_chunks_before", self.n_chunks_before, 0)
         _check_int("ff_chunk_size", self.ff_chunk_size, 0)
         _check_int("hash_seed", self.hash_seed, 0)
+        if self.hash_seed >= SEED_LIMIT:
+            raise _fail("hash_seed", "an int in [0, 2^63)", self.hash_seed)
         if self.local_attention_dropout is None:
             self.local_attention_dropout = self.attention_dropout
         for name in ("dropout", "attention_dropout", "local_attention_dropout"):
@@ -168,6 +183,7 @@ class ReformerConfig:
         self.local_n_chunks_after = self._resolve_chunks_after(
             "local_n_chunks_after", self.local_n_chunks_after, self.local_n_chunks_before)
         self._resolve_axial()
+        self._check_backend()
 
     # -- derived fields -------------------------------------------------------------------------------
     def _resolve_attn_layers(self, value: Any) -> tuple[str, ...]:
@@ -185,7 +201,7 @@ class ReformerConfig:
 
     def _resolve_n_buckets(self, value: Any) -> int | tuple[int, int]:
         if value is None:
-            return default_n_buckets(self.max_seq_len, self.chunk_length)
+            return transformers_n_buckets(self.max_seq_len, self.chunk_length, factorise=False)
         if isinstance(value, (list, tuple)):
             if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
                 raise _fail("n_buckets", "an int or a pair of ints (factorised buckets)", value)
@@ -227,6 +243,18 @@ class ReformerConfig:
         self.axial_dims = tuple(self.axial_dims)
         if self.position_embedding == "axial" and sum(self.axial_dims) != self.d_model:
             raise _fail("axial_dims", f"widths summing to d_model ({self.d_model})", self.axial_dims)
+
+    def _check_backend(self) -> None:
+        if not isinstance(self.attention_backend, str) or self.attention_backend not in ATTENTION_BACKENDS:
+            raise _fail("attention_backend", f"one of {ATTENTION_BACKENDS}", self.attention_backend)
+        check_backend(self.attention_backend)
+        if self.attention_backend in ("native", "flex"):
+            if self.lsh_window != "bucket":
+                raise _fail("attention_backend", "'auto' or 'eager' with lsh_window='chunk' (the anchors' window "
+                            "runs on the eager core only)", self.attention_backend)
+            if self.attention_dropout or self.local_attention_dropout:
+                raise _fail("attention_backend", "'auto' or 'eager' with attention dropout (the native and flex "
+                            "cores have none)", self.attention_backend)
 
     # -- derived properties ---------------------------------------------------------------------------
     @property

@@ -20,9 +20,13 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from .attention import FullSelfAttention, LocalSelfAttention, LSHSelfAttention, normalize_keys, split_heads
-from .hashing import hash_vectors, total_buckets
-from .model import ReformerLM
+from .nn.attention import FullSelfAttention, LocalSelfAttention, LSHSelfAttention
+from .nn.model import ReformerLM
+from .nn.reversible import reversible_step
+from .ops import backend
+from .ops.hashing import hash_vectors, hashing_vectors, total_buckets
+from .ops.keys import key_scale
+from .ops.layout import split_heads
 
 
 class _Growing:
@@ -75,6 +79,16 @@ def _bound_feed_forward(ff) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: torch.addmm(b2, activation(torch.addmm(b1, norm(x), w1)), w2)
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 where it is 16-bit (as the full forward's products accumulate), else x itself: a step's
+    multiply-and-sum would otherwise round every product to 16 bits."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+def _then(first: Callable, second: Callable) -> Callable:
+    return lambda x: second(first(x))
+
+
 class LSHCache:
     """Keys and values side by side, and per (round, bucket) a ring of the last ``window`` positions
     hashed there.
@@ -97,9 +111,7 @@ class LSHCache:
         self.n_buckets = total_buckets(layer.n_buckets)
         self.weight = _per_head_rows(layer.qk.weight, layer.v.weight, n_heads=layer.n_heads)
         self.step_weight, self.out_weight = self.weight.t(), layer.out.weight.t()   # for torch.mm
-        # normalize_keys(x) = x rsqrt(mean(x^2) + 1e-6) / sqrt(d) = x / hypot(|x|, sqrt(1e-6 d))
-        self.key_epsilon = torch.tensor(math.sqrt(1e-6 * layer.d_head), dtype=self.weight.dtype,
-                                        device=self.weight.device)
+        self.backend, self.band = layer.backend, layer.band
         self.factors = layer.n_buckets if isinstance(layer.n_buckets, tuple) else (layer.n_buckets,)
         # argmax over [xR, -xR] per factor is the argmax of x [R, -R]: one product for all rounds.
         parts, first = [], 0
@@ -107,8 +119,11 @@ class LSHCache:
             part = self.rotations[..., first:first + factor // 2]
             parts += [part, -part]
             first += factor // 2
-        # (H, d, R * sum(factors)), in the weights' dtype and device (the rotations are drawn in float32)
-        self.hash_matrix = torch.cat(parts, dim=-1).flatten(2).to(self.weight)
+        # (H, d, R * sum(factors)) on the weights' device, in float32 (float64 for float64 weights), as
+        # hashing.hash_vectors rotates
+        hash_dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        self.hash_matrix = torch.cat(parts, dim=-1).flatten(2).to(self.weight.device, hash_dtype)
+        self.hash_weight = layer.qk.weight.to(hash_dtype)   # 16-bit models hash float32 projections
         self.slots = torch.arange(self.window, device=self.weight.device)
         self.ring = self.count = None
         self.rows = None   # (storage, its (rows, 2d) view, first row of each (batch, head)) for gathers
@@ -116,8 +131,10 @@ class LSHCache:
     def prefill(self, h: torch.Tensor) -> None:
         kv = split_heads(F.linear(h, self.weight), self.n_heads)           # (B, H, n, qk | v)
         qk = kv[..., :self.d_head]
-        self.key_values.append(kv)[..., :self.d_head] = normalize_keys(qk)
-        buckets = hash_vectors(qk, self.rotations, self.n_buckets_config)   # (B, H, R, n)
+        self.key_values.append(kv)[..., :self.d_head] = qk * key_scale(qk)[0][..., None]
+        compiled = backend.choose_core(self.backend, h, self.band, 0.0) == "native"
+        buckets = hash_vectors(hashing_vectors(qk, h, self.hash_weight), self.rotations, self.n_buckets_config,
+                               compiled)                                   # (B, H, R, n)
         batch, heads, rounds, length = buckets.shape
         self.count = torch.zeros(batch, heads, rounds, self.n_buckets, dtype=torch.long, device=h.device)
         self.count.scatter_add_(-1, buckets, torch.ones_like(buckets))
@@ -135,7 +152,8 @@ class LSHCache:
         self.ring = ring.scatter_(-1, slot, positions)[..., :spare].contiguous()
 
     def _hash(self, qk: torch.Tensor) -> torch.Tensor:
-        """Buckets (B, H, R, 1) of one position's qk (B, H, 1, d), as ``hash_vectors`` gives them."""
+        """Buckets (B, H, R, 1) of one position's hashing vectors (B, H, 1, d), as ``hash_vectors`` gives
+        them."""
         if self.n_buckets == 1:
             return torch.zeros_like(self.count[..., :1])
         rotated = (qk @ self.hash_matrix).view(*qk.shape[:2], self.rotations.shape[2], -1)
@@ -163,16 +181,15 @@ class LSHCache:
         kv = torch.mm(h, self.step_weight).view(batch, heads, 1, 2 * d)   # (B, H, 1, qk | v)
         qk = kv[..., :d]
         t = self.key_values.length
-        norm = torch.linalg.vector_norm(qk, dim=-1, keepdim=True)
-        torch.div(qk, torch.hypot(norm, self.key_epsilon), out=self.key_values.append(kv)[..., :d])
-        bucket = self._hash(qk)                                            # (B, H, R, 1)
+        torch.mul(qk, key_scale(qk)[0][..., None], out=self.key_values.append(kv)[..., :d])
+        bucket = self._hash(hashing_vectors(qk, h[:, None], self.hash_weight))   # (B, H, R, 1)
         count = self.count.gather(-1, bucket)                              # earlier members per round
         base = bucket * self.window
         rows = self._gather(self.ring.gather(-1, base + self.slots))      # (B, H, R W, 2d)
         # Products as multiply-and-sum: at these sizes that is faster than a batched matmul.
-        logits = (rows[..., :d] * qk).sum(-1, keepdim=True)               # (B, H, R W, 1)
+        logits = (_wide(rows[..., :d]) * _wide(qk)).sum(-1, keepdim=True)   # (B, H, R W, 1)
         logits.masked_fill_((self.slots >= count).view(batch, heads, -1, 1), float("-inf"))
-        out = (torch.softmax(logits, dim=2) * rows[..., d:]).sum(2, keepdim=True)   # (B, H, 1, d)
+        out = (torch.softmax(logits, dim=2) * _wide(rows[..., d:])).sum(2, keepdim=True).to(kv.dtype)   # (B, H, 1, d)
         # Remember position t in the ring of its bucket, replacing the oldest member.
         self.ring.scatter_(-1, base + count % self.window, t)
         self.count.scatter_(-1, bucket, count + 1)
@@ -220,8 +237,8 @@ class LocalCache(_KeyValueCache):
         t = self.key_values.length - 1
         key_values = self.key_values.view(max(0, (t // self.chunk_length - self.before) * self.chunk_length))
         # Products as multiply-and-sum: at these sizes that is faster than a batched matmul.
-        probs = torch.softmax((key_values[..., :d] * q).sum(-1, keepdim=True), dim=2)   # (B, H, n, 1)
-        out = (probs * key_values[..., d:]).sum(2)                       # (B, H, d)
+        probs = torch.softmax((_wide(key_values[..., :d]) * _wide(q)).sum(-1, keepdim=True), dim=2)   # (B, H, n, 1)
+        out = (probs * _wide(key_values[..., d:])).sum(2).to(q.dtype)   # (B, H, d)
         return torch.mm(out.view(out.shape[0], -1), self.out_weight)
 
 
@@ -256,7 +273,7 @@ class Decoder:
         self.model = model.eval()
         self.blocks = list(model.stack.blocks)
         self.caches = [CACHES[type(b.attention.attention)](b.attention.attention) for b in self.blocks]
-        self.steps = [(_bound_layer_norm(b.attention.norm), cache.step, _bound_feed_forward(b.feed_forward))
+        self.steps = [(_then(_bound_layer_norm(b.attention.norm), cache.step), _bound_feed_forward(b.feed_forward))
                       for b, cache in zip(self.blocks, self.caches)]
         self.final_norm, self.head = _bound_layer_norm(model.norm), (model.head.bias, model.head.weight.t())
         self.length = 0
@@ -267,10 +284,11 @@ class Decoder:
         x = self.model.embed(ids, torch.arange(ids.shape[1], device=ids.device))
         x1 = x2 = x
         for block, cache in zip(self.blocks, self.caches):
-            h = block.attention.norm(x2)
-            cache.prefill(h)
-            x1 = x1 + block.attention.attention(h)
-            x2 = x2 + block.feed_forward(x1)
+            def attend(x, block=block, cache=cache):
+                h = block.attention.norm(x)
+                cache.prefill(h)
+                return block.attention.attention(h)
+            x1, x2 = reversible_step(x1, x2, attend, block.feed_forward)
         self.length = ids.shape[1]
         return self.model.logits(x1[:, -1:], x2[:, -1:])[:, 0]
 
@@ -292,9 +310,8 @@ class Decoder:
         if self.length >= self.model.config.max_seq_len:
             raise ValueError(f"the context is full (max_seq_len={self.model.config.max_seq_len})")
         x1 = x2 = self._embed(token)
-        for norm, attend, feed_forward in self.steps:
-            x1 = x1 + attend(norm(x2))
-            x2 = x2 + feed_forward(x1)
+        for attend, feed_forward in self.steps:
+            x1, x2 = reversible_step(x1, x2, attend, feed_forward)
         self.length += 1
         return torch.addmm(self.head[0], self.final_norm(torch.cat([x1, x2], dim=-1)), self.head[1])
 

@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..config import ReformerConfig
-from ..hashing import derive_seed
-from ..model import ReformerLM
-from ..train import TrainConfig, build_optimizer, lr_factor, lsh_layers
+from ..ops.hashing import derive_seed
+from ..nn.model import ReformerLM, next_token_loss
+from ..training.loop import TrainConfig, build_optimizer, lr_factor, lsh_layers
 from ..plotting import pyplot, save_figure
 from .report import Report, full_attention_overrides, markdown_table, same_weights
 
@@ -92,10 +91,9 @@ def with_attention(model: ReformerLM, settings: DuplicationSettings, mode, hash_
 def copy_loss(model: ReformerLM, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy and accuracy on the second copy of w: targets at positions L/2 + 1 ... L - 1."""
     half = batch.shape[1] // 2
-    logits = model(batch)[:, half:-1]
-    targets = batch[:, half + 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-    return loss, (logits.argmax(-1) == targets).float().mean()
+    logits = model(batch)[:, half:]
+    loss = next_token_loss(logits, batch[:, half:])
+    return loss, (logits[:, :-1].argmax(-1) == batch[:, half + 1:]).float().mean()
 
 
 def train_model(settings: DuplicationSettings, mode, seed: int, log=print) -> tuple[ReformerLM, list, float]:
@@ -113,7 +111,7 @@ def train_model(settings: DuplicationSettings, mode, seed: int, log=print) -> tu
         generator = torch.Generator().manual_seed(derive_seed(seed, step))
         batch = duplication_batch(settings.batch_size, settings.length, settings.n_symbols, generator)
         for layer in lsh_layers(model):
-            layer.hash_calls = step   # fresh rotations each step, reproducible from the seed
+            layer.hash_calls.fill_(step)   # fresh rotations each step, reproducible from the seed
         loss, accuracy = copy_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_checkpoint, load_model
+from ..training.checkpoint import load_checkpoint, load_model
 from ..config import ReformerConfig
-from ..data import Corpus
-from ..train import TrainConfig, evaluate, train
+from ..training.data import Corpus
+from ..training.loop import TrainConfig, evaluate, train
 from ..plotting import pyplot, save_figure
 from .report import Report, markdown_table
 

@@ -19,12 +19,12 @@ from typing import Any, Sequence
 
 import torch
 
-from ..checkpoint import write_atomically
+from ..files import write_atomically
 
 
 def machine() -> dict[str, Any]:
     """The software and hardware a result was measured on."""
-    from .. import __version__
+    from ..version import __version__
 
     return {
         "reformer": __version__,
@@ -43,7 +43,7 @@ def same_weights(model, **config_overrides):
 
     Only settings that change no parameter may be overridden (attention windows, rounds, buckets, seeds).
     """
-    from ..model import ReformerLM
+    from ..nn.model import ReformerLM
 
     other = ReformerLM(dataclasses.replace(model.config, **config_overrides))
     other.load_state_dict(model.state_dict())

@@ -26,23 +26,16 @@ CHUNK = 64
 REFORMER_IMPLEMENTATIONS = ("ours", "full")
 
 
-def hf_n_buckets(length: int, chunk: int = CHUNK) -> int | tuple[int, int]:
-    """transformers' rule for num_buckets=None: 2^floor(log2(2L / chunk)), factorised above its limit."""
-    power = (2 * length // chunk).bit_length() - 1
-    limit = 2 * max(int((length // chunk) ** 0.5), chunk)
-    return (2 ** (power // 2), 2 ** (power - power // 2)) if 2**power > limit else max(2, 2**power)
-
-
 def build_reformer(impl: str, length: int, n_hashes: int, n_layers: int = 6):
     """(model, loss of a batch): our LM with LSH ("ours") or full attention ("full") in every layer."""
-    from ..config import ReformerConfig
-    from ..model import ReformerLM
+    from ..config import ReformerConfig, transformers_n_buckets
+    from ..nn.model import ReformerLM
 
     if impl not in REFORMER_IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {REFORMER_IMPLEMENTATIONS}, got {impl!r}")
     cfg = ReformerConfig(d_model=256, n_heads=4, d_head=64, n_layers=n_layers, d_ff=1024,
                          attn_layers="lsh" if impl == "ours" else "full", n_hashes=n_hashes,
-                         chunk_length=CHUNK, n_buckets=hf_n_buckets(length), max_seq_len=length,
+                         chunk_length=CHUNK, n_buckets=transformers_n_buckets(length, CHUNK), max_seq_len=length,
                          ff_chunk_size=4096)
     model = ReformerLM(cfg).train()
     return model, model.loss

@@ -1,1 +1,3 @@
-"""Interoperability with other Reformer implementations."""
+from .hf import load_hf, save_hf
+
+__all__ = ["load_hf", "save_hf"]

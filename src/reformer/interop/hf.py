@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..config import ACTIVATIONS, ReformerConfig
+from ..nn.model import ReformerLM
 
 # transformers parameter names -> ours; {i} is the layer index.
 LAYER_NAMES = {
@@ -210,10 +211,8 @@ def read_hf_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     return hf_config, state
 
 
-def load_hf(source) -> "ReformerLM":  # noqa: F821
+def load_hf(source) -> ReformerLM:
     """A ReformerLM from a transformers folder or an in-memory transformers Reformer model."""
-    from ..model import ReformerLM
-
     if isinstance(source, (str, os.PathLike)):
         hf_config, hf_state = read_hf_folder(source)
     elif hasattr(source, "config") and hasattr(source, "state_dict"):

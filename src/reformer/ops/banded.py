@@ -1,25 +1,14 @@
-"""The compute core: attention of each query to a band of neighbours in a sequence.
+"""The masked reference core: attention of each query to a band of neighbours in a sequence (bands.py).
 
-LSH attention runs it on the bucket-sorted sequence, local attention on the sequence as it is. The
-sequence is cut into chunks of ``chunk_length``; the queries of chunk k see the keys of chunks
-k - before ... k + after. Inside that window, masks decide who may attend to whom:
+It serves the anchors' wrap-around bands (checkpoint parity with transformers) and is the reference the
+tests hold the interval core (intervals.py) to. Masks are booleans and hidden logits become -inf, so a
+row's softmax covers exactly its allowed keys: no -1e9 constants whose rounding leaks into the result. A
+row that would be empty (a padding query) falls back to its own key, which keeps every output finite.
 
-- causal: a key at a later original position than the query is hidden;
-- padding: keys marked invalid are hidden;
-- same bucket (LSH "bucket" window): only keys of the query's own bucket, and only those within
-  ``before * chunk_length`` items before (``after * chunk_length`` after) it in the sorted order;
-- wrap-around ("chunk" window, as the anchors do): the window of the first chunk continues at the last
-  chunk; without wrap-around, windows stop at the ends of the sequence;
-- self (LSH): a query may attend to itself only when it has no other target.
-
-Masks are booleans and hidden logits become -inf, so a row's softmax covers exactly its allowed keys:
-no -1e9 constants whose rounding leaks into the result. A row that would be empty (a padding query)
-falls back to its own key, which keeps every output finite.
-
-``Band.anchor_masks`` instead reproduces transformers bit for bit: hidden logits are replaced by -1e9
-and every self logit by -1e5 (-1e4 and -1e3 in float16). Where a row's only keys are copies of itself
-(wrap-around duplicates), the rounding of log(copies) next to -1e5 then costs up to 0.4% of the output:
-the anchors' defect, kept only for checkpoint parity.
+The anchor rules instead reproduce transformers bit for bit: hidden logits are replaced by -1e9 and every
+self logit by -1e5 (-1e4 and -1e3 in float16). Where a row's only keys are copies of itself (wrap-around
+duplicates), the rounding of log(copies) next to -1e5 then costs up to 0.4% of the output: the anchors'
+defect, kept only for checkpoint parity.
 """
 
 from __future__ import annotations
@@ -28,31 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class Band:
-    """Shape of the attention band.
-
-    chunk_length: items per chunk; before / after: neighbouring chunks seen on each side.
-    wrap: the window of the first chunk wraps around to the last one (the anchors' behaviour).
-    same_bucket: restrict to keys of the query's bucket within before/after * chunk_length items.
-    causal: hide keys at later original positions.
-    mask_self: a query attends to itself only when nothing else is allowed (shared query-key).
-    anchor_masks: replace hidden and self logits by transformers' constants instead of masking exactly.
-    """
-
-    chunk_length: int
-    before: int
-    after: int
-    causal: bool
-    wrap: bool = False
-    same_bucket: bool = False
-    mask_self: bool = False
-    anchor_masks: bool = False
-
-    @property
-    def width(self) -> int:
-        return (self.before + 1 + self.after) * self.chunk_length
+from .bands import Band
 
 
 def look_around(x: torch.Tensor, before: int, after: int, start: int = 0,
@@ -193,7 +158,7 @@ def _blocks(band: Band, items: Items):
     return [(a, min(a + size, n_chunks)) for a in range(0, n_chunks, size)]
 
 
-def _dropout_keep(shape, dropout: float, seed: int, start: int, device) -> torch.Tensor:
+def dropout_keep(shape, dropout: float, seed: int, start: int, device) -> torch.Tensor:
     """The dropout mask of one block, regenerated identically in backward from (seed, block start)."""
     generator = torch.Generator(device=device).manual_seed(seed + start)
     return torch.rand(shape, generator=generator, device=device) >= dropout
@@ -209,7 +174,7 @@ def _block_probs(band: Band, items: Items, start: int, stop: int, dropout: float
     probs, lse = _probabilities(band, logits, allowed, is_self, other, has_other)
     dropped, keep = probs, None
     if dropout:
-        keep = _dropout_keep(probs.shape, dropout, seed, start, probs.device)
+        keep = dropout_keep(probs.shape, dropout, seed, start, probs.device)
         dropped = probs * keep / (1 - dropout)
     return probs, dropped, keep, lse, has_other, k_window, v_window, allowed, is_self
 
@@ -309,3 +274,13 @@ def dropout_seed() -> int:
 
 def _and(mask: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:
     return other if mask is None else mask & other
+
+
+def local_banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, band: Band,
+                           key_valid: torch.Tensor | None, dropout: float = 0.0, training: bool = False) -> torch.Tensor:
+    """Local attention on the masked core, over the unsorted sequence (the anchors' wrap-around band).
+    q, k, v: (batch, heads, length, d), keys scaled beforehand; key_valid (batch, length) or None."""
+    positions = torch.arange(q.shape[2], device=q.device)[None, None, :]
+    valid = None if key_valid is None else key_valid[:, None, :]
+    out, _, _ = banded_attention(q, k, v, positions, band, key_valid=valid, dropout=dropout, training=training)
+    return out

@@ -250,12 +250,27 @@ static void sequence_items_range(const void *p, int part, int64_t begin, int64_t
     sequence_spans(s->a, s->sequence, s->sort, begin, end);
 }
 
-int round_spans(int64_t batch, int64_t heads, int64_t length, const int64_t *buckets, int64_t bs, int64_t hs,
-                int64_t ps, const unsigned char *valid, int64_t c, int64_t before, int64_t after, int causal,
-                int64_t *positions, int64_t *order, int64_t *lo, int64_t *hi, int64_t *skip,
-                unsigned char *has_other, int threads) {
-    RoundSpans a = {heads, length, bs, hs, ps, c, before, after, causal, buckets, valid, positions, order, lo, hi,
-                    skip, has_other, 0};
+/* round_spans: one round's sort and spans (see RoundSpans), sequences (batch, heads) of `length` items, bucket
+   ids at buckets[b strides[0] + h strides[1] + position strides[2]], valid (batch, length) or NULL. Returns 0,
+   or the error of RoundSpans. */
+typedef struct {
+    int64_t batch, heads, length;
+    const int64_t *buckets;
+    int64_t strides[3];
+    const unsigned char *valid;
+    int64_t chunk, before, after;
+    int causal;
+    int64_t *positions, *order, *lo, *hi, *skip;
+    unsigned char *has_other;
+    int threads;
+} RoundSpansCall;
+
+int round_spans(const RoundSpansCall *call) {
+    int64_t batch = call->batch, heads = call->heads, length = call->length;
+    int threads = call->threads;
+    RoundSpans a = {heads, call->length, call->strides[0], call->strides[1], call->strides[2], call->chunk,
+                    call->before, call->after, call->causal, call->buckets, call->valid, call->positions,
+                    call->order, call->lo, call->hi, call->skip, call->has_other, 0};
     if (batch * heads >= threads) {   /* parts write their own sequences' rows */
         parallel_for(round_spans_range, &a, 0, batch * heads, threads);
         return a.error;
@@ -271,6 +286,69 @@ int round_spans(int64_t batch, int64_t heads, int64_t length, const int64_t *buc
     }
     return a.error;
 }
+
+/* The calls from Python (native/kernels.py mirrors these structures field by field with ctypes). Element
+   arrays are void pointers: the same structure serves the float32 and the float64 kernels. */
+
+/* interval_forward: span attention of n items (n / chunk chunks) in sorted order. Rows as they lie (q_index
+   NULL: q (n, d), k and v padded, n + width - chunk rows, `pad` of them in front) or by index (item i's
+   rows at q + q_index[i] and v + v_index[i]; the keys are the q rows times k_scale, k unused). Outputs:
+   out (n, dv) and lse (n) by item; or, with order (each item's position), the round added to the online
+   softmax over rounds (acc (positions, dv), best, norm, scores by position; has_other by item) and lse by
+   item; with final_out too (the last round), the softmax finished: final_out's rows at out_index (by
+   position) get the result, total and any_other the total normaliser and whether any round saw another
+   key. */
+typedef struct {
+    int64_t n, d, dv, chunk, width, pad;
+    const void *q, *k, *k_scale, *v;
+    const int64_t *q_index, *v_index;
+    const int64_t *lo, *hi, *skip;
+    void *out, *lse;
+    const int64_t *order;
+    const unsigned char *has_other;
+    void *acc, *best, *norm, *scores;
+    void *final_out;
+    const int64_t *out_index;
+    void *total;
+    unsigned char *any_other;
+    int threads;
+} ForwardCall;
+
+/* interval_backward: dq (n, d) by item, dk and dv in the padded layout (every row written), given d_out
+   (g (n, dv), or with g_index its rows by index times g_scale), forward's lse and row = sum(d_out * out)
+   - d_lse, by item; the other rows as for interval_forward. */
+typedef struct {
+    int64_t n, d, dv, chunk, width, pad;
+    const void *q, *k, *k_scale, *v, *g, *g_scale;
+    const int64_t *q_index, *v_index, *g_index;
+    const int64_t *lo, *hi, *skip;
+    const void *lse, *row;
+    void *dq, *dkp, *dvp;
+    int threads;
+} BackwardCall;
+
+/* scatter_gradients: a round's gradients (interval_backward's dq, and dk and dv in the padded layout; keys q
+   times k_scale) added in position order: the rows of d_qk at dq_index += dq + k_scale dk,
+   d_scale[order] += dk . q, the rows of d_v at dv_index += dv. */
+typedef struct {
+    int64_t n, d, dv, pad;
+    const void *q, *k_scale, *dq, *dkp, *dvp;
+    const int64_t *q_index, *order, *dq_index, *dv_index;
+    void *d_qk, *d_v, *d_scale;
+    int threads;
+} ScatterCall;
+
+/* hash_buckets: for every row of rotated values x (sizes[0..3] rows, element (i0, i1, i2, i3, j) at x +
+   sum i_k strides[k] + j), the argmax over [x_f, -x_f] of each factor's columns, combined as
+   id_0 + factors[0] (id_1 + ...), written to out at sum i_k out_strides[k]. */
+typedef struct {
+    const void *x;
+    int64_t sizes[4], strides[4], out_strides[4];
+    int64_t *out;
+    int64_t n_factors;
+    int64_t factors[2];
+    int threads;
+} HashCall;
 
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
@@ -786,25 +864,17 @@ static void F(forward_part)(const void *p, int part, int64_t begin, int64_t end)
     free(scratch);
 }
 
-/* Forward of n items (sorted order, n / c chunks) over their spans. Rows: with q_index NULL, q (n, d), and
-   k and v in the padded layout ((n + width - c) rows), as they lie; else item i's rows by index, the keys
-   the q rows times k_scale (k unused), gathered sub-block by sub-block. Outputs: without order, out (n, dv) and
-   lse_out (n) by item; with order (each item's position, unique), the round combined into acc
-   (positions, dv), best, norm and scores (positions), and lse_out by item; with final_out too (the
-   last round), the combination finished instead: final_out's rows at out_index (by position) get the
-   result, total and any_other the total normaliser and whether any round saw another key. */
-void F(interval_forward)(int64_t n, int64_t d, int64_t dv, int64_t c, int64_t width, int64_t pad,
-                         const T *q, const int64_t *q_index, const T *k, const T *k_scale, const T *v,
-                         const int64_t *v_index, const int64_t *lo, const int64_t *hi, const int64_t *skip, T *out,
-                         T *lse_out, const int64_t *order, const unsigned char *has_other, T *acc, T *best, T *norm,
-                         T *scores, T *final_out, const int64_t *out_index, T *total, unsigned char *any_other,
-                         int threads) {
-    Sources from = {q, v, NULL, k_scale, NULL, q_index, v_index, NULL};
-    Args a = {n, d, dv, c, width, pad, q, k, v, NULL, 0, 0, 0, NULL, NULL, lo, hi, skip, NULL, NULL, 0,
-              out, lse_out, order, has_other, acc, best, norm, scores, NULL, NULL, NULL, NULL,
-              final_out, total, out_index, any_other};
-    F(Job) job = {&a, q_index ? &from : NULL, F(sub_block_chunks)(c)};
-    parallel_parts(F(forward_part), &job, 0, n / c, F(kernel_parts)(n / c, job.per, threads), threads);
+/* Forward (ForwardCall): each part of the chunks a sub-block at a time. */
+void F(interval_forward)(const ForwardCall *call) {
+    const T *q = call->q, *v = call->v;
+    Sources from = {q, v, NULL, call->k_scale, NULL, call->q_index, call->v_index, NULL};
+    Args a = {call->n, call->d, call->dv, call->chunk, call->width, call->pad, q, call->k, v, NULL, 0, 0, 0,
+              NULL, NULL, call->lo, call->hi, call->skip, NULL, NULL, 0, call->out, call->lse, call->order,
+              call->has_other, call->acc, call->best, call->norm, call->scores, NULL, NULL, NULL, NULL,
+              call->final_out, call->total, call->out_index, call->any_other};
+    int64_t chunks = call->n / call->chunk;
+    F(Job) job = {&a, call->q_index ? &from : NULL, F(sub_block_chunks)(call->chunk)};
+    parallel_parts(F(forward_part), &job, 0, chunks, F(kernel_parts)(chunks, job.per, call->threads), call->threads);
 }
 
 /* Adds each part's tail (rows past its chunks) to the gradients, in part order. */
@@ -857,27 +927,24 @@ static void F(backward_part)(const void *p, int part, int64_t begin, int64_t end
     free(w.tile_v);
 }
 
-/* Backward: dq (n, d) by item, dkp and dvp in the padded layout ((n + width - c) rows, all written), given
-   d_out (g, (n, dv), or with g_index its rows by index times g_scale), forward's lse and
-   row = sum(d_out * out) - d_lse, by item; the other rows as for interval_forward.
-   The chunks are cut in parts that run in parallel. A part writes the gradient rows of its own chunks
-   (zeroing them just before its first write) and puts its share of the rows past them in its tail; the
-   tails are added, in part order, once every part is done. */
-void F(interval_backward)(int64_t n, int64_t d, int64_t dv, int64_t c, int64_t width, int64_t pad,
-                          const T *q, const int64_t *q_index, const T *k, const T *k_scale, const T *v,
-                          const int64_t *v_index, const T *g, const int64_t *g_index, const T *g_scale,
-                          const int64_t *lo, const int64_t *hi, const int64_t *skip, const T *lse, const T *row,
-                          T *dq, T *dkp, T *dvp, int threads) {
+/* Backward (BackwardCall). The chunks are cut in parts that run in parallel. A part writes the gradient rows
+   of its own chunks (zeroing them just before its first write) and puts its share of the rows past them in
+   its tail; the tails are added, in part order, once every part is done. */
+void F(interval_backward)(const BackwardCall *call) {
+    int64_t n = call->n, d = call->d, dv = call->dv, c = call->chunk, width = call->width;
     int64_t tail_rows = width - c, chunks = n / c, per = F(sub_block_chunks)(c);
-    int parts = F(kernel_parts)(chunks, per, threads);
+    int parts = F(kernel_parts)(chunks, per, call->threads);
     T *tails = (T *)malloc(sizeof(T) * (size_t)(parts * tail_rows * (d + dv) + 1));
-    Sources from = {q, v, g, k_scale, g_scale, q_index, v_index, g_index};
-    Args a = {n, d, dv, c, width, pad, q, k, v, g, 0, 0, 0, lse, row, lo, hi, skip, NULL, NULL, 0,
-              NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, dq, dkp, dvp, tails};
+    T *dkp = call->dkp, *dvp = call->dvp;
+    const T *q = call->q, *v = call->v, *g = call->g;
+    Sources from = {q, v, g, call->k_scale, call->g_scale, call->q_index, call->v_index, call->g_index};
+    Args a = {n, d, dv, c, width, call->pad, q, call->k, v, g, 0, 0, 0, call->lse, call->row, call->lo, call->hi,
+              call->skip, NULL, NULL, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, call->dq, dkp, dvp, tails,
+              NULL, NULL, NULL, NULL};
     memset(dkp + n * d, 0, sizeof(T) * (size_t)(tail_rows * d));   /* the rows after the last chunk */
     memset(dvp + n * dv, 0, sizeof(T) * (size_t)(tail_rows * dv));
-    F(Job) job = {&a, q_index ? &from : NULL, per};
-    parallel_parts(F(backward_part), &job, 0, chunks, parts, threads);
+    F(Job) job = {&a, call->q_index ? &from : NULL, per};
+    parallel_parts(F(backward_part), &job, 0, chunks, parts, call->threads);
     F(add_tails)(tails, chunks, parts, c, tail_rows, d, dv, dkp, dvp);
     free(tails);
 }
@@ -908,15 +975,11 @@ static void F(scatter_range)(const void *p, int part, int64_t begin, int64_t end
     }
 }
 
-/* A round's gradients back in position order, added to those of the rounds before: with keys k = q s,
-   d_qk += dq + s dk and d_scale += dk . q (by position), d_v += dv. Each position is one item per round,
-   so parts never write the same row. */
-void F(scatter_gradients)(int64_t n, int64_t d, int64_t dv, int64_t pad, const T *q, const int64_t *q_index,
-                          const T *k_scale, const int64_t *order, const T *dq, const T *dkp, const T *dvp,
-                          T *d_qk, const int64_t *dq_index, T *d_v, const int64_t *dv_index, T *d_scale,
-                          int threads) {
-    F(Scatter) a = {n, d, dv, pad, q, k_scale, dq, dkp, dvp, q_index, order, dq_index, dv_index, d_qk, d_v, d_scale};
-    parallel_parts(F(scatter_range), &a, 0, n, parts_of(n, SCATTER_GRAIN, threads), threads);
+/* scatter_gradients (ScatterCall): each position is one item per round, so parts never write the same row. */
+void F(scatter_gradients)(const ScatterCall *call) {
+    F(Scatter) a = {call->n, call->d, call->dv, call->pad, call->q, call->k_scale, call->dq, call->dkp, call->dvp,
+                    call->q_index, call->order, call->dq_index, call->dv_index, call->d_qk, call->d_v, call->d_scale};
+    parallel_parts(F(scatter_range), &a, 0, call->n, parts_of(call->n, SCATTER_GRAIN, call->threads), call->threads);
 }
 
 typedef struct {
@@ -966,14 +1029,10 @@ static void F(hash_range)(const void *p, int part, int64_t begin, int64_t end) {
     }
 }
 
-/* Angular LSH's bucket ids (hashing.hash_vectors): for every row of rotated values x (sizes[0..3] rows,
-   element (i0, i1, i2, i3, j) at x + sum i_k strides[k] + j), argmax over [x_f, -x_f] of each factor's
-   columns x_f (factors[f] / 2 of them, one after the other), combined as id_0 + factors[0] (id_1 + ...),
-   written to out at sum i_k out_strides[k]. One pass over the values instead of a max and a min each. */
-void F(hash_buckets)(const T *x, const int64_t *sizes, const int64_t *strides, int64_t *out,
-                     const int64_t *out_strides, int64_t n_factors, const int64_t *factors, int threads) {
-    F(Hash) a = {x, out, sizes, strides, out_strides, factors, n_factors};
-    parallel_for(F(hash_range), &a, 0, sizes[0] * sizes[1] * sizes[2], threads);
+/* hash_buckets (HashCall): one pass over the rotated values instead of a max and a min per factor. */
+void F(hash_buckets)(const HashCall *call) {
+    F(Hash) a = {call->x, call->out, call->sizes, call->strides, call->out_strides, call->factors, call->n_factors};
+    parallel_for(F(hash_range), &a, 0, call->sizes[0] * call->sizes[1] * call->sizes[2], call->threads);
 }
 
 #undef F

@@ -1,21 +1,18 @@
 """Large CPU buffers on transparent huge pages.
 
-The compiled interval core reads the rows of every round in bucket order: scattered 256-byte rows of
-16-64 MiB tensors. On 4 KiB pages nearly every such row costs a TLB miss and a page walk (expensive under
-virtualisation): gathering one head's rows at 64K tokens took 13-18 ms, on 2 MiB pages 5-7 ms (measured).
-Linux backs a private anonymous mapping with huge pages where it is asked to (MADV_HUGEPAGE, the
-"madvise" setting of transparent_hugepage); torch's own allocator does so only when THP_MEM_ALLOC_ENABLE
-is set before its first large block, which a library cannot count on (the user may have made one before
-importing it). So the buffers the core reads at random come from here. Elsewhere (other systems, other
-devices, small sizes) this is plain ``new_empty``.
+The compiled interval core reads the rows of every round in bucket order: scattered rows of 16-64 MiB
+tensors. On 4 KiB pages nearly every such row costs a TLB miss and a page walk (expensive under
+virtualisation); on 2 MiB pages a few cover a whole tensor. Linux backs a private anonymous mapping with
+huge pages where it is asked to (MADV_HUGEPAGE, the "madvise" setting of transparent_hugepage), so the
+buffers the core reads at random come from ``empty`` here. Elsewhere (other systems, other devices, small
+sizes) it is plain ``new_empty``.
 
-The rest of a step's large tensors (LayerNorm's and the projections' outputs and gradients, 64 MiB
-each at 64K tokens) come from torch's allocator, by default on fresh 4 KiB pages each time (glibc maps
-blocks this large anew per allocation): ~100,000 page faults per layer step at 64K tokens, half a
-second of system time. torch puts blocks of 2 MiB and more on huge pages when THP_MEM_ALLOC_ENABLE is set, and reads it
-at its first such block, so importing reformer sets it (``offer_huge_pages_to_torch``) unless it is
-already set, REFORMER_HUGE_PAGES=0, or the kernel does not offer huge pages; where torch has already
-read it, nothing changes.
+The rest of a step's large tensors come from torch's allocator, on fresh 4 KiB pages each time (glibc
+maps blocks this large anew per allocation, and every first touch of a page faults). torch puts its
+blocks of 2 MiB and more on huge pages when THP_MEM_ALLOC_ENABLE is set before its first such block:
+``offer_huge_pages_to_torch`` sets it. Importing reformer does not (a library leaves the process's
+environment alone); the ``reformer`` command calls it first thing, and so may any program, before its
+first large tensor.
 """
 
 from __future__ import annotations
@@ -45,11 +42,10 @@ def _huge_pages_offered() -> bool:
 
 
 def offer_huge_pages_to_torch() -> bool:
-    """Ask torch's CPU allocator to put blocks of 2 MiB and more on transparent huge pages (sets
-    THP_MEM_ALLOC_ENABLE=1, which torch reads at its first such block). Returns whether it was set here:
-    not where it is set already (the user's choice stands), REFORMER_HUGE_PAGES=0, or huge pages are not
-    offered. At 64K tokens a layer step took 4,000-6,000 page faults instead of ~100,000 and 0.25-0.49 s
-    of system time instead of 0.49-0.72 s (peak memory the same or lower)."""
+    """Ask torch's CPU allocator to put blocks of 2 MiB and more on transparent huge pages: sets
+    THP_MEM_ALLOC_ENABLE=1 in this process's environment (torch reads it at its first such block, so call
+    this before any large tensor). Returns whether it was set here: not where it is set already (the
+    user's choice stands), REFORMER_HUGE_PAGES=0, or the kernel offers no huge pages."""
     if "THP_MEM_ALLOC_ENABLE" in os.environ or os.environ.get("REFORMER_HUGE_PAGES", "1") == "0":
         return False
     if not _huge_pages_offered():
@@ -74,6 +70,19 @@ def empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     flat = torch.frombuffer(mapping, dtype=like.dtype)   # keeps the mapping alive
     start = (-flat.data_ptr() % HUGE_PAGE) // like.element_size()   # whole huge pages from the first row
     return flat[start:start + numel].view(shape)
+
+
+def carve(like: torch.Tensor, *shapes: tuple[int, ...]) -> list[torch.Tensor]:
+    """Contiguous tensors of the given shapes (like's dtype and device), views of one fresh allocation
+    from ``empty``.
+
+    Blocks above glibc's mmap threshold (at most 32 MiB) come from the system and go back to it whole;
+    smaller ones land in the heap, where the holes they leave between longer-lived tensors stay resident.
+    Rows that a call allocates together are carved from one block, so they leave no such holes.
+    """
+    sizes = [math.prod(shape) for shape in shapes]
+    flat = empty((sum(sizes),), like)
+    return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -21,35 +21,19 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
-from .config import ReformerConfig
+from ..config import ReformerConfig
+from ..files import write_atomically
+from ..nn.model import ReformerLM
 
 STATE_FORMAT = "reformer-train-state-1"
 
 
 class CheckpointError(ValueError):
     """A run folder or checkpoint file that cannot be read; the message names the file."""
-
-
-def write_atomically(path: Path, data: bytes | str | Iterable[bytes]) -> None:
-    """Write ``data`` (or each chunk of it, in turn) to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    chunks = [data.encode() if isinstance(data, str) else data] if isinstance(data, (str, bytes)) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
@@ -85,8 +69,6 @@ def is_run_dir(path: Path) -> bool:
 
 def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu"):
     """The ReformerLM of a run folder (its latest weights), in eval mode."""
-    from .model import ReformerLM
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir() or not is_run_dir(run_dir):
         raise CheckpointError(f"{run_dir} is not a run folder (no config.json in it)")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ReformerConfig
+from ..config import ReformerConfig
 
 ACTIVATION_FUNCTIONS = {
     "relu": F.relu,

@@ -18,10 +18,9 @@ windows fold back with two or three in-place batched products.
 
 Like banded.py, forward keeps only outputs and the logsumexp; backward recomputes each block's scores.
 
-``interval_forward`` and ``interval_backward`` hand their work to the compiled core (native.py) where it
-applies (``native_core``): the same spans and layout, but only each query's span is scored. The eager
-blocks below remain the path for dropout, per-key padding, other dtypes and devices, and machines
-without a C compiler.
+This is the eager core, in batched products over whole windows with the spans as masks: any device, any
+dtype, attention dropout, per-key padding. The compiled core (native/) takes the same spans and layout
+and scores each query's span alone; which one runs is decided in backend.py.
 """
 
 from __future__ import annotations
@@ -31,21 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import native
-from .banded import BLOCK_ELEMENTS, _dropout_keep, dropout_seed
-
-
-@dataclass(frozen=True)
-class Window:
-    """Chunk length and the neighbouring chunks a query's chunk sees: W = (before + 1 + after) * c keys."""
-
-    chunk_length: int
-    before: int
-    after: int
-
-    @property
-    def width(self) -> int:
-        return (self.before + 1 + self.after) * self.chunk_length
+from .banded import BLOCK_ELEMENTS, dropout_keep
+from .bands import Window
 
 
 @dataclass
@@ -182,20 +168,8 @@ def _dropped(probs, dropout: float, seed: int, start: int):
     """Probabilities after dropout and the keep mask (None without dropout), regenerated per block."""
     if not dropout:
         return probs, None
-    keep = _dropout_keep(probs.shape, dropout, seed, start, probs.device)
+    keep = dropout_keep(probs.shape, dropout, seed, start, probs.device)
     return probs * keep / (1 - dropout), keep
-
-
-def native_core(like: torch.Tensor, dropout: float, spans: Spans | None = None) -> bool:
-    """Whether the compiled core (native.py) serves these spans: float32 or float64 on the CPU, no
-    dropout, no per-key padding, and the compiler at hand. It scores each query's span only (~25 of the
-    bucket window's 96 columns at 64K tokens; one round of one head there: forward 14 ms instead of
-    ~37, backward 34 instead of ~78)."""
-    return not dropout and (spans is None or spans.key_valid is None) and native.supports(like)
-
-
-def _contiguous(*tensors: torch.Tensor) -> bool:
-    return all(t.is_contiguous() for t in tensors)
 
 
 def interval_forward(q: torch.Tensor, k_padded: torch.Tensor, v_padded: torch.Tensor, spans: Spans,
@@ -209,10 +183,6 @@ def interval_forward(q: torch.Tensor, k_padded: torch.Tensor, v_padded: torch.Te
     """
     c, n = window.chunk_length, q.shape[0]
     out = q.new_empty(n, v_padded.shape[-1]) if out is None else out
-    if probs_out is None and native_core(q, dropout, spans) and _contiguous(q, k_padded, v_padded, out):
-        lse = q.new_empty(n)
-        native.forward(q, k_padded, v_padded, spans, c, window.width, window.before * c, lse, out=out)
-        return out, lse, spans.has_other
     lse = q.new_empty(n // c, c)
     has_other = torch.empty(n // c, c, dtype=torch.bool, device=q.device)
     valid = _valid_padded(spans, window)
@@ -231,24 +201,18 @@ def interval_forward(q: torch.Tensor, k_padded: torch.Tensor, v_padded: torch.Te
 def interval_backward(q: torch.Tensor, k_padded: torch.Tensor, v_padded: torch.Tensor, spans: Spans,
                       window: Window, d_out: torch.Tensor, row: torch.Tensor, dropout: float = 0.0,
                       seed: int = 0, grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                      probs: torch.Tensor | None = None, lse: torch.Tensor | None = None):
+                      probs: torch.Tensor | None = None):
     """Gradients (dq (N, d), dk_padded, dv_padded) given d_out (N, d_v) and ``row`` (N,).
 
     d logits = P * (dP - row), dP = d_out . v: with row = sum(d_out * out) - d_lse this is the
     gradient of (out, lse); LSH passes its own row to fold in the combination of rounds (rounds.py).
     ``grads``: tensors shaped like q, k_padded and v_padded to write the gradients into (reused rows).
     ``probs``: the probabilities forward kept (``probs_out``), or None to recompute them block by block.
-    ``lse``: forward's logsumexp (N,); with it the compiled core recomputes P = exp(logits - lse).
     """
     c, n = window.chunk_length, q.shape[0]
     if grads is None:
         grads = torch.empty_like(q), torch.empty_like(k_padded), torch.empty_like(v_padded)
     d_q, d_k, d_v = grads
-    if (lse is not None and probs is None and native_core(q, dropout, spans)
-            and _contiguous(q, k_padded, v_padded, d_out, lse, row, *grads)):
-        native.backward(q, k_padded, v_padded, d_out, spans, c, window.width, window.before * c, lse, row, d_q,
-                        d_k, d_v)
-        return d_q, d_k, d_v
     d_k.zero_()
     d_v.zero_()
     valid = _valid_padded(spans, window)
@@ -329,30 +293,29 @@ class _IntervalAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, spans, window, dropout, seed):
         k_padded, v_padded = pad_keys(k, window), pad_keys(v, window)
         out, lse, has_other = interval_forward(q, k_padded, v_padded, spans, window, dropout, seed)
-        ctx.save_for_backward(q, k_padded, v_padded, out, lse)
+        ctx.save_for_backward(q, k_padded, v_padded, out)
         ctx.spans, ctx.window, ctx.dropout, ctx.seed = spans, window, dropout, seed
         ctx.mark_non_differentiable(has_other)
         return out, lse, has_other
 
     @staticmethod
     def backward(ctx, d_out, d_lse, _):
-        q, k_padded, v_padded, out, lse = ctx.saved_tensors
+        q, k_padded, v_padded, out = ctx.saved_tensors
         row = (d_out * out).sum(dim=-1)
         if d_lse is not None:
             row = row - d_lse
         d_q, d_k, d_v = interval_backward(q, k_padded, v_padded, ctx.spans, ctx.window, d_out.contiguous(),
-                                          row.contiguous(), ctx.dropout, ctx.seed, lse=lse)
+                                          row.contiguous(), ctx.dropout, ctx.seed)
         return d_q, unpad_keys(d_k, ctx.window), unpad_keys(d_v, ctx.window), None, None, None, None
 
 
 def interval_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: Spans, window: Window,
-                       dropout: float = 0.0, training: bool = False):
-    """Attention of each query to its span of keys, differentiable in q, k and v.
+                       dropout: float = 0.0, seed: int = 0):
+    """Attention of each query to its span of keys on the eager core, differentiable in q, k and v.
 
     q, k, v: (N, d) flat rows (N a multiple of the chunk length); logits are q . k (scale the keys
-    beforehand). Returns out (N, d_v), lse (N,) and has_other (N,) bool.
+    beforehand). dropout: the attention dropout in force, its masks drawn from ``seed``. Returns out
+    (N, d_v), lse (N,) and has_other (N,) bool.
     """
-    dropout = dropout if training else 0.0
-    seed = dropout_seed() if dropout else 0
     return _IntervalAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), spans, window, dropout,
                                     seed)

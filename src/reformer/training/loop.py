@@ -25,12 +25,13 @@ import torch.distributed as dist
 from torch import nn
 
 from . import checkpoint as ckpt
-from .attention import LSHSelfAttention
-from .config import ReformerConfig
+from ..config import ReformerConfig
+from ..files import write_atomically
+from ..nn.attention import LSHSelfAttention
+from ..nn.model import ReformerLM, next_token_loss
+from ..ops.hashing import derive_seed
+from ..plotting import pyplot, save_figure
 from .data import Corpus, DataError, eval_batches, window_batch
-from .hashing import derive_seed
-from .model import ReformerLM
-from .plotting import pyplot, save_figure
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adafactor")
 SCHEDULES = ("cosine", "rsqrt", "constant")
@@ -161,9 +162,7 @@ def evaluate(model: ReformerLM, corpus: Corpus, split: str, seq_len: int, batch_
     total, count = 0.0, 0
     for batch in eval_batches(corpus.split(split), batch_size, seq_len, n_batches):
         batch = batch.to(device)
-        logits = model(batch, n_hashes=n_hashes)[:, :-1].float()
-        total += nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                             reduction="sum").item()
+        total += next_token_loss(model(batch, n_hashes=n_hashes), batch, reduction="sum").item()
         count += batch[:, 1:].numel()
     model.train(was_training)
     loss = total / count
@@ -178,7 +177,7 @@ class MetricsLog:
         if resume_step is not None and path.exists():
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= resume_step]
-            ckpt.write_atomically(path, "".join(line + "\n" for line in kept))
+            write_atomically(path, "".join(line + "\n" for line in kept))
         elif resume_step is None:
             path.unlink(missing_ok=True)
 
@@ -248,9 +247,9 @@ def train(run_dir: str | os.PathLike, model_config: ReformerConfig | None = None
         scheduler.load_state_dict(state["scheduler"])
         start = int(state["step"])
     elif env.main:
-        ckpt.write_atomically(run_dir / "config.json", model_config.to_json())
+        write_atomically(run_dir / "config.json", model_config.to_json())
     if env.main:   # a resume may have extended the steps
-        ckpt.write_atomically(run_dir / "train.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+        write_atomically(run_dir / "train.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     ddp = nn.parallel.DistributedDataParallel(model) if env.world > 1 else model
     metrics = MetricsLog(run_dir / "metrics.jsonl", start if resume else None) if env.main else None
     env.barrier()
@@ -273,11 +272,12 @@ def train(run_dir: str | os.PathLike, model_config: ReformerConfig | None = None
             for layer in lsh_layers(model):
                 # Rotations are a function of the step: micro-batches (and ranks) of one step hash
                 # alike, as the one big batch they stand for would.
-                layer.hash_calls = step
+                layer.hash_calls.fill_(step)
             sync = i == cfg.accum - 1 or env.world == 1
             with (contextlib.nullcontext() if sync else ddp.no_sync()), \
                     torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = _next_byte_loss(ddp, part) / cfg.accum
+                # Through the (possibly DDP-wrapped) model's forward, so that DDP's hooks see the call.
+                loss = next_token_loss(ddp(part), part) / cfg.accum
             loss.backward()
             loss_sum += loss.item()
         if cfg.clip:
@@ -312,9 +312,3 @@ def train(run_dir: str | os.PathLike, model_config: ReformerConfig | None = None
     if bar is not None:
         bar.close()
     return metrics.records() if metrics is not None else []
-
-
-def _next_byte_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Loss through the (possibly DDP-wrapped) model's forward, so DDP's hooks see the call."""
-    logits = model(batch)[:, :-1]
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))

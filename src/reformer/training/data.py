@@ -15,7 +15,6 @@ single-process one.
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import sysconfig
 import zipfile
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import write_atomically
+from ..files import cache_dir, write_atomically
 
 VOCAB_SIZE = 256
 SPLITS = ("train", "valid", "test")
@@ -34,10 +33,6 @@ ENWIK8_SPLIT = (90_000_000, 5_000_000, 5_000_000)
 
 class DataError(ValueError):
     """A corpus that cannot be used (missing, empty, too short); the message says which and why."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("REFORMER_CACHE", Path.home() / ".cache" / "reformer"))
 
 
 def stdlib_files() -> list[Path]:

@@ -13,11 +13,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ReformerConfig
+from ..config import ReformerConfig
 from .layers import position_embedding
 from .reversible import ReversibleStack
 
 IGNORE_INDEX = -100
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of logits (batch, length, vocab) against labels (batch, length) at the same positions,
+    in float32; label IGNORE_INDEX (-100) is ignored."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the logits at t against the labels at t + 1: (batch, length, vocab), (batch, length)."""
+    return token_loss(logits[:, :-1], labels[:, 1:], reduction)
 
 
 class ReformerLM(nn.Module):
@@ -47,21 +59,6 @@ class ReformerLM(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    @classmethod
-    def from_hf(cls, source) -> "ReformerLM":
-        """Load a transformers Reformer: a ``save_pretrained`` folder or an in-memory model.
-
-        Accepts ReformerModelWithLMHead (causal) and ReformerForMaskedLM (encoder) checkpoints. The result
-        uses ``lsh_window="chunk"`` and reproduces transformers' logits (see interop/hf.py).
-        """
-        from .interop.hf import load_hf
-        return load_hf(source)
-
-    def save_hf(self, folder) -> None:
-        """Write a folder that transformers' ``from_pretrained`` loads with the same logits."""
-        from .interop.hf import save_hf
-        save_hf(self, folder)
-
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -81,10 +78,13 @@ class ReformerLM(nn.Module):
             raise ValueError(f"input_ids must hold at least one token, got shape {tuple(input_ids.shape)}")
         if length > cfg.max_seq_len:
             raise ValueError(f"input length {length} exceeds config.max_seq_len={cfg.max_seq_len}")
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= cfg.vocab_size:
-            raise ValueError(f"input_ids must lie in [0, vocab_size={cfg.vocab_size}), got values in "
-                             f"[{low}, {high}]")
+        in_vocabulary = f"input_ids must lie in [0, vocab_size={cfg.vocab_size})"
+        if torch.compiler.is_compiling():   # no value leaves a compiled graph: checked where it runs
+            torch._assert_async(((input_ids >= 0) & (input_ids < cfg.vocab_size)).all(), in_vocabulary)
+        else:
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= cfg.vocab_size:
+                raise ValueError(f"{in_vocabulary}, got values in [{low}, {high}]")
         if n_hashes is not None and (isinstance(n_hashes, bool) or not isinstance(n_hashes, int)
                                      or n_hashes < 1):
             raise ValueError(f"n_hashes must be a positive int or None, got {n_hashes!r}")
@@ -96,8 +96,13 @@ class ReformerLM(nn.Module):
             raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {tuple(attention_mask.shape)}")
         if attention_mask.dtype != torch.bool:
-            if attention_mask.dtype.is_complex or not ((attention_mask == 0) | (attention_mask == 1)).all():
-                raise ValueError("attention_mask must hold only 0 and 1 (or be a bool tensor)")
+            binary = "attention_mask must hold only 0 and 1 (or be a bool tensor)"
+            if attention_mask.dtype.is_complex:
+                raise ValueError(binary)
+            if torch.compiler.is_compiling():
+                torch._assert_async(((attention_mask == 0) | (attention_mask == 1)).all(), binary)
+            elif not ((attention_mask == 0) | (attention_mask == 1)).all():
+                raise ValueError(binary)
             attention_mask = attention_mask != 0
         return attention_mask.to(input_ids.device)
 
@@ -153,6 +158,5 @@ class ReformerLM(nn.Module):
         if self.config.causal:
             if input_ids.shape[1] < 2:
                 raise ValueError("next-token loss needs sequences of at least 2 tokens")
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                               ignore_index=IGNORE_INDEX)
+            return next_token_loss(logits, labels)
+        return token_loss(logits, labels)

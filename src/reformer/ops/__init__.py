@@ -1,0 +1,1 @@
+"""Tensor functions and kernels, no ``nn.Module``: what the attention layers are built from."""

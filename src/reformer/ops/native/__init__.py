@@ -1,0 +1,1 @@
+"""The compiled interval core: its C source, the loader that builds it, and the calls into it."""

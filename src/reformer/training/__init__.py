@@ -1,0 +1,1 @@
+"""Training: byte corpora, run folders and checkpoints, the loop (one process or torchrun)."""

@@ -121,7 +121,7 @@ def plot(points: list[dict], path: str) -> None:
     for impl in IMPLEMENTATIONS:
         rows = sorted((p["length"], p["seconds"], p["peak_rss_mib"]) for p in points if p["implementation"] == impl)
         if rows:
-            lengths, seconds, rss = zip(*rows)
+            lengths, seconds, rss = zip(*rows, strict=True)
             axes[0].loglog(lengths, seconds, "o-", label=impl)
             axes[1].loglog(lengths, rss, "o-", label=impl)
     axes[0].set_ylabel("seconds (forward + backward)")

@@ -79,10 +79,10 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     args = parser.parse_args()
     for context in args.contexts:
-        rows = [("ours-cached", lambda: ours(context, args.new, True)),
-                ("ours-uncached", lambda: ours(context, args.new_uncached, False))]
+        rows = [("ours-cached", lambda context=context: ours(context, args.new, True)),
+                ("ours-uncached", lambda context=context: ours(context, args.new_uncached, False))]
         if not args.skip_hf:
-            rows.append(("hf-cached", lambda: huggingface(context, args.new)))
+            rows.append(("hf-cached", lambda context=context: huggingface(context, args.new)))
         for name, run in rows:
             try:
                 print(json.dumps({"implementation": name, "context": context, "tokens_per_s": round(run(), 2)}),

@@ -211,7 +211,7 @@ def test_round_by_round_equals_all_rounds_at_once(causal, one_head_at_a_time, ke
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
     g = torch.randn_like(got)
     grads = [torch.autograd.grad((t * g).sum(), (h, w_qk, w_v)) for t in (expected, got)]
-    for want, have in zip(*grads):
+    for want, have in zip(*grads, strict=True):
         torch.testing.assert_close(have, want, atol=1e-12, rtol=0)
 
 

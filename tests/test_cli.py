@@ -62,7 +62,8 @@ def test_existing_run_dir_is_not_overwritten_silently(trained_run, text_file):
     (["train", "--data", "EMPTY"], "is empty"),
     (["train", "--preset", "tiny", "--seq-len", "5000"], "max_seq_len"),
     (["train", "--optimizer", "lion"], "optimizer"),
-    (["train", "--preset", "giant"], "unknown preset"),
+    (["train", "--preset", "giant"], "invalid choice: 'giant'"),
+    (["train", "--lr", "fast"], "invalid float value: 'fast'"),
     (["train", "--resume", "/tmp"], "not a run folder"),
     (["generate", "/tmp"], "not a run folder"),
     (["eval", "/no/such/run"], "not a run folder"),
@@ -81,13 +82,39 @@ def test_bad_arguments_exit_2_with_one_clear_line(args, message, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_help_explains_every_flag():
-    result = cli("train", "--help")
+def _subcommands():
+    from reformer.cli import build_parser
+
+    parser = build_parser()
+    (choices,) = [a.choices for a in parser._actions if a.choices and a.dest == "command"]
+    return choices
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "convert", "experiment"])
+def test_help_explains_every_flag_once(command):
+    """Every flag of the subcommand is in its --help with a text of its own, each default said once; every
+    TrainConfig field is a flag of train."""
+    import dataclasses
+
+    from reformer.training.loop import TrainConfig
+
+    parser = _subcommands()[command]
+    result = cli(command, "--help")
     assert result.returncode == 0
-    for flag in ("--data", "--optimizer", "--resume", "--bf16", "--accum", "--schedule"):
-        assert flag in result.stdout
+    help_text = " ".join(result.stdout.split())
+    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert flags
+    for action in flags:
+        assert action.help and action.option_strings[0] in help_text, action.dest
+    assert "(default: None)" not in help_text
+    for entry in help_text.split(" --"):   # one flag's text: its default at most once
+        assert entry.count("(default") <= 1, entry
+    if command == "train":
+        for f in dataclasses.fields(TrainConfig):
+            assert "--" + f.name.replace("_", "-") in help_text, f.name
 
 
+@pytest.mark.slow
 def test_convert_from_hf_then_generate_and_back(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -107,5 +134,5 @@ def test_convert_from_hf_then_generate_and_back(tmp_path):
     assert back.returncode == 0, back.stderr
     reloaded = transformers.ReformerModelWithLMHead.from_pretrained(tmp_path / "hf2")
     original = transformers.ReformerModelWithLMHead.from_pretrained(tmp_path / "hf")
-    for (name, a), (_, b) in zip(original.state_dict().items(), reloaded.state_dict().items()):
+    for (name, a), (_, b) in zip(original.state_dict().items(), reloaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name

@@ -29,6 +29,7 @@ def run_quick(name, tmp_path):
     return out, record["results"], readme
 
 
+@pytest.mark.slow
 def test_duplication_quick_learns_the_copy_and_fills_the_table(tmp_path):
     out, results, readme = run_quick("duplication", tmp_path)
     accuracy = results["accuracy"]
@@ -43,6 +44,7 @@ def test_duplication_quick_learns_the_copy_and_fills_the_table(tmp_path):
     assert "| LSH-2 |" in readme and (out / "training.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_lm_parity_quick_trains_every_variant(tmp_path):
     out, results, readme = run_quick("lm-parity", tmp_path)
     variants = {"full", "lsh-2", "lsh-4-chunk", "local", "lsh-4-plain"}
@@ -63,6 +65,7 @@ def test_lm_parity_quick_trains_every_variant(tmp_path):
                                                         if "valid_bpb" in r]
 
 
+@pytest.mark.slow
 def test_hash_rounds_quick_evaluates_every_round_count(tmp_path):
     out, results, readme = run_quick("hash-rounds", tmp_path)
     assert set(results["bpb"]) == {"LSH-1", "LSH-2", "LSH-4", "LSH-8", "full"}
@@ -70,6 +73,7 @@ def test_hash_rounds_quick_evaluates_every_round_count(tmp_path):
     assert (out / "rounds.png").stat().st_size > 0 and "| full |" in readme
 
 
+@pytest.mark.slow
 def test_speed_quick_measures_every_point(tmp_path):
     out, results, readme = run_quick("speed", tmp_path)
     points = results["points"]

@@ -30,7 +30,6 @@ CONFIGS = {
     "encoder-after-1": dict(attn_layers=["local", "lsh"], num_buckets=[2, 2], num_hashes=3,
                             is_decoder=False, lsh_num_chunks_after=1, local_num_chunks_after=1),
 }
-MAX_DIFFS = {}
 
 
 def hf_model(name):
@@ -40,7 +39,9 @@ def hf_model(name):
     return cls(cfg).eval()
 
 
-def assert_parity(name, hf, ours, ids, mask=None):
+def assert_parity(name, hf, ours, ids, mask=None, tolerance=0.0):
+    """transformers' logits and ours on ids: bit-identical unless a tolerance is given (the README's
+    claim)."""
     with torch.no_grad():
         expected = hf(input_ids=ids, attention_mask=mask).logits
         got = ours(ids, attention_mask=mask)
@@ -48,9 +49,8 @@ def assert_parity(name, hf, ours, ids, mask=None):
     if mask is not None:
         expected, got = expected[mask.bool()], got[mask.bool()]
     diff = (expected - got).abs().max().item()
-    MAX_DIFFS[name] = max(diff, MAX_DIFFS.get(name, 0.0))
     print(f"max |diff| {name}: {diff:.2e}")
-    assert diff <= 1e-5
+    assert diff <= tolerance
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -62,11 +62,13 @@ def test_logits_match_transformers(name, length):
     assert_parity(f"{name} L={length}", hf, ours, ids)
 
 
-@pytest.mark.parametrize("name", ["all-lsh", "encoder"])
-def test_length_equal_to_chunk_uses_transformers_full_attention_fallback(name):
+@pytest.mark.parametrize("name,tolerance", [("all-lsh", 0.0), ("encoder", 1e-5)])
+def test_length_equal_to_chunk_uses_transformers_full_attention_fallback(name, tolerance):
+    """The encoder's one-chunk fallback rounds differently from transformers' (1.7e-6 here; the README
+    says so); everything else is bit-identical."""
     hf = hf_model(name)
     ids = torch.randint(0, 64, (3, 8), generator=torch.Generator().manual_seed(4))
-    assert_parity(f"{name} L=chunk", hf, load_hf(hf), ids)
+    assert_parity(f"{name} L=chunk", hf, load_hf(hf), ids, tolerance=tolerance)
 
 
 @pytest.mark.parametrize("name", ["crime-and-punishment", "encoder"])
@@ -91,7 +93,7 @@ def test_import_from_a_saved_folder_and_export_back(tmp_path):
     assert_parity("crime-and-punishment exported", reloaded, ours, ids)
 
     again = load_hf(tmp_path / "back")
-    for (name, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
+    for (name, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     with torch.no_grad():
         assert torch.equal(again(ids), ours(ids))

@@ -45,7 +45,7 @@ def test_local_spans_equal_the_masked_core(causal, before, after, chunk, padded)
     assert torch.equal(got[2], expected[2])
     g = torch.randn_like(q)
     grads = [torch.autograd.grad((out[0] * g).sum() + out[1].sum(), (q, k, v)) for out in (expected, got)]
-    for want, have in zip(*grads):
+    for want, have in zip(*grads, strict=True):
         torch.testing.assert_close(have, want, atol=1e-12, rtol=0)
 
 

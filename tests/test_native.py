@@ -44,7 +44,8 @@ def test_the_compiled_core_is_built_where_a_compiler_exists(compiled):
     local = Band(Window(4, 1, 0), True, "local")
     assert backend.choose_core("auto", x, local, 0.0, key_padding=True) == "eager"
     assert backend.choose_core("eager", x, band, 0.0) == "eager"
-    with pytest.raises(ValueError, match=r"'native' needs float32 or float64 \(this is torch.bfloat16\), no attention dropout"):
+    message = r"'native' needs float32 or float64 \(this is torch.bfloat16\), no attention dropout"
+    with pytest.raises(ValueError, match=message):
         backend.choose_core("native", x.bfloat16(), band, 0.1)
     with pytest.raises(ValueError, match="local layers without padding keys"):
         backend.choose_core("native", x, local, 0.0, key_padding=True)
@@ -102,7 +103,7 @@ def test_compiled_core_equals_the_eager_core(kind, dtype, tolerance, compiled):
     case = (q, k, v, spans, window, d_out, row)
     compiled_results, eager_results = _compiled_core(*case), _eager_core(*case)
     for name, have, want in zip(("out", "lse", "has_other", "d_q", "d_k", "d_v"), compiled_results,
-                                eager_results):
+                                eager_results, strict=True):
         if want.dtype == torch.bool:
             assert torch.equal(have, want), name
         else:
@@ -122,7 +123,7 @@ def test_compiled_core_is_deterministic_and_thread_count_only_reorders_sums(comp
         first, again, one = run(2), run(2), run(1)
     finally:
         torch.set_num_threads(threads)
-    for a, b, c in zip(first, again, one):
+    for a, b, c in zip(first, again, one, strict=True):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, c, atol=1e-13, rtol=0)
 
@@ -153,7 +154,7 @@ def test_kernels_on_torchs_threads_equal_the_kernels_on_threads_of_their_own(com
     finally:
         torch.set_num_threads(threads)
     assert native._openmp_runtimes() == runtimes
-    for name, a, b in zip(("out", "lse", "d_q", "d_k", "d_v"), on_torchs, on_their_own):
+    for name, a, b in zip(("out", "lse", "d_q", "d_k", "d_v"), on_torchs, on_their_own, strict=True):
         assert torch.equal(a, b), name
 
 
@@ -198,7 +199,7 @@ def test_fused_rounds_equal_the_eager_rounds(causal, dtype, tolerance, compiled,
     assert fused_calls == ["forward"] * 2 + ["backward"] * 2   # one per head
     out = EagerLSH.apply(h, w_qk, w_v, qk, v, buckets, valid, band, 0.0, 0, False).transpose(1, 2).flatten(2)
     eager = (out, *torch.autograd.grad((out * d_out).sum(), (h, w_qk, w_v)))
-    for name, have, want in zip(("out", "d_h", "d_w_qk", "d_w_v"), fused, eager):
+    for name, have, want in zip(("out", "d_h", "d_w_qk", "d_w_v"), fused, eager, strict=True):
         torch.testing.assert_close(have, want, rtol=tolerance, atol=tolerance * want.abs().max().item(), msg=name)
 
 
@@ -388,7 +389,7 @@ def test_the_eager_backend_never_calls_the_compiled_core(compiled, monkeypatch):
 
 def test_a_compiler_that_fails_leaves_the_eager_core_and_says_so(monkeypatch, tmp_path, caplog):
     native.library.cache_clear()
-    backend.available_backends.cache_clear()
+    backend.forget_available_backends()
     monkeypatch.setenv("CC", "false")   # exists everywhere, compiles nothing
     monkeypatch.setenv("REFORMER_CACHE", str(tmp_path))
     try:
@@ -403,5 +404,5 @@ def test_a_compiler_that_fails_leaves_the_eager_core_and_says_so(monkeypatch, tm
         assert backend.choose_core("auto", x, Band(Window(4, 1, 0), True, "bucket"), 0.0) == "eager"
     finally:
         native.library.cache_clear()
-        backend.available_backends.cache_clear()
+        backend.forget_available_backends()
         kernels._lib.cache_clear()

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -55,6 +56,7 @@ def step_losses(run_dir):
     return losses
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_continues_bit_for_bit(corpus_file, tmp_path):
     steps = 40
     full = cli(*small_run_args(corpus_file, tmp_path / "full", steps))
@@ -196,6 +198,14 @@ def test_gradient_accumulation_matches_one_big_batch(corpus_file, tmp_path):
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it), for torchrun's rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
 def test_distributed_step_equals_single_process_step(corpus_file, tmp_path):
     """torchrun with 2 gloo processes == one process on the concatenated batch (reversible layers)."""
     lr = 0.5
@@ -203,7 +213,7 @@ def test_distributed_step_equals_single_process_step(corpus_file, tmp_path):
     single = cli(*small_run_args(corpus_file, tmp_path / "single", 1, **args))
     assert single.returncode == 0, single.stderr
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29533", "-m", "reformer",
+                          "--master_port", str(free_port()), "-m", "reformer",
                           *map(str, small_run_args(corpus_file, tmp_path / "ddp", 1, **args))],
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert ddp.returncode == 0, ddp.stderr[-3000:]
@@ -221,7 +231,8 @@ def test_distributed_step_equals_single_process_step(corpus_file, tmp_path):
     single = cli("train", "--resume", tmp_path / "single", "--steps", 2, "--quiet")
     assert single.returncode == 0, single.stderr
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29534", "-m", "reformer", "train", "--resume", str(tmp_path / "ddp"),
+                          "--master_port", str(free_port()), "-m", "reformer", "train", "--resume",
+                          str(tmp_path / "ddp"),
                           "--steps", "2", "--quiet"], capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert ddp.returncode == 0, ddp.stderr[-3000:]

@@ -7,16 +7,18 @@ folder that is not a run) end with exit status 2 and one line saying what is wro
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
 from pathlib import Path
 
-from .config import ATTENTION_KINDS, LSH_WINDOWS, ReformerConfig
+from .config import ATTENTION_KINDS, LSH_WINDOWS, PRESETS, ReformerConfig
 from .ops import memory
+from .ops.backend import ATTENTION_BACKENDS
 from .training.checkpoint import CheckpointError, is_run_dir
 from .training.data import DataError
-from .training.loop import OPTIMIZERS, SCHEDULES, TrainConfig
+from .training.loop import TrainConfig
 
 DEFAULT_RUN_DIR = "runs/default"
 
@@ -25,47 +27,59 @@ class UsageError(Exception):
     """A mistake in what the user asked for: reported in one line, exit status 2."""
 
 
+class DefaultsOnce(argparse.HelpFormatter):
+    """Each flag's default in its help, once: appended where the text does not say it already, and never
+    for a default of None (nothing given) or False (a switch)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or not action.option_strings or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: {action.default})"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are one line (no usage block): "reformer train: error: ..."."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a byte-level Reformer LM (default: small model on stdlib)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=DefaultsOnce,
                        description="Train a byte-level Reformer language model. With no arguments: the "
                        "'small' preset on the Python standard library's source, a few minutes on 2 cores. "
                        "Under torchrun (torchrun --nproc_per_node N -m reformer train ...) it trains with "
                        "DistributedDataParallel; --batch-size is the global batch.")
-    d = TrainConfig()
-    p.add_argument("--data", default=d.data, help="'stdlib', a file, a folder, or enwik8.zip")
-    p.add_argument("--glob", default=d.glob, help="files of a --data folder to use (recursive pattern)")
-    p.add_argument("--run-dir", default=None, help=f"output folder (default {DEFAULT_RUN_DIR})")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--run-dir", default=None, help=f"output folder (default: {DEFAULT_RUN_DIR})")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
+                   "(--steps may extend it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --run-dir")
-    p.add_argument("--preset", default="small", help="model preset: tiny, small, enwik8, duplication")
-    p.add_argument("--steps", type=int, default=None, help=f"optimiser steps (default {d.steps})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step (global)")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="bytes per training sequence")
-    p.add_argument("--accum", type=int, default=d.accum, help="micro-batches per step (gradient accumulation)")
-    p.add_argument("--optimizer", default=d.optimizer, help=f"one of {', '.join(OPTIMIZERS)}")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
-    p.add_argument("--momentum", type=float, default=d.momentum, help="momentum of sgd and rmsprop")
-    p.add_argument("--schedule", default=d.schedule, help=f"after warmup: {', '.join(SCHEDULES)}")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps")
-    p.add_argument("--clip", type=float, default=d.clip, help="gradient norm clip (0 = off)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between validations")
-    p.add_argument("--eval-batches", type=int, default=d.eval_batches, help="batches per validation")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of weights, data order and dropout")
-    p.add_argument("--attn", help=f"attention of every layer ({', '.join(ATTENTION_KINDS)}) or a "
-                   "comma-separated list, one per layer")
-    p.add_argument("--n-layers", type=int, help="number of layers")
-    p.add_argument("--d-model", type=int, help="model width")
-    p.add_argument("--n-hashes", type=int, help="LSH hashing rounds")
-    p.add_argument("--chunk-length", type=int, help="LSH chunk length")
-    p.add_argument("--lsh-window", help=f"one of {', '.join(LSH_WINDOWS)}")
-    p.add_argument("--no-reversible", action="store_true", help="plain residual layers (more memory)")
-    p.add_argument("--dropout", type=float, help="dropout probability")
-    p.add_argument("--max-seq-len", type=int, help="longest sequence the model accepts")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    # Every TrainConfig field is a flag; None (not given) leaves the field's default.
+    training = p.add_argument_group("training (TrainConfig)")
+    for f in dataclasses.fields(TrainConfig):
+        flag, help_text = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (default: {f.default})"
+        if f.type in ("bool", bool):
+            training.add_argument(flag, action="store_true", default=None, help=help_text)
+        else:
+            kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            training.add_argument(flag, type=kind, default=None, choices=f.metadata["choices"], help=help_text)
+    model = p.add_argument_group("model (ReformerConfig: a preset, and fields that override it)")
+    model.add_argument("--preset", default="small", choices=PRESETS, help="model preset (default: small)")
+    model.add_argument("--attn", help=f"attention of every layer ({', '.join(ATTENTION_KINDS)}) or a "
+                       "comma-separated list, one per layer")
+    for flag, kind, help_text in (("--n-layers", int, "number of layers"), ("--d-model", int, "model width"),
+                                  ("--n-hashes", int, "LSH hashing rounds"),
+                                  ("--chunk-length", int, "LSH chunk length"),
+                                  ("--dropout", float, "dropout probability"),
+                                  ("--max-seq-len", int, "longest sequence the model accepts")):
+        model.add_argument(flag, type=kind, help=f"{help_text} (default: the preset's)")
+    model.add_argument("--lsh-window", choices=LSH_WINDOWS, help="LSH window (default: the preset's)")
+    model.add_argument("--attention-backend", choices=ATTENTION_BACKENDS,
+                       help="which attention core runs (default: auto)")
+    model.add_argument("--no-reversible", action="store_true", help="plain residual layers (more memory)")
 
 
 def _model_config(args) -> ReformerConfig:
@@ -75,7 +89,8 @@ def _model_config(args) -> ReformerConfig:
         overrides["attn_layers"] = layers[0] if len(layers) == 1 else tuple(layers)
         if len(layers) > 1 and args.n_layers is None:
             overrides["n_layers"] = len(layers)
-    for name in ("n_layers", "d_model", "n_hashes", "chunk_length", "lsh_window", "dropout", "max_seq_len"):
+    for name in ("n_layers", "d_model", "n_hashes", "chunk_length", "lsh_window", "dropout", "max_seq_len",
+                 "attention_backend"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.no_reversible:
@@ -100,12 +115,8 @@ def cmd_train(args) -> int:
             shutil.rmtree(run_dir)
         try:
             model_config = _model_config(args)
-            train_config = TrainConfig(
-                data=args.data, glob=args.glob, steps=args.steps if args.steps is not None else TrainConfig.steps,
-                batch_size=args.batch_size, seq_len=args.seq_len, accum=args.accum, optimizer=args.optimizer,
-                lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum, schedule=args.schedule,
-                warmup=args.warmup, clip=args.clip, bf16=args.bf16, eval_every=args.eval_every,
-                eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every, seed=args.seed)
+            given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+            train_config = TrainConfig(**{name: value for name, value in given.items() if value is not None})
         except (ValueError, TypeError) as error:
             raise UsageError(str(error)) from error
         records = train(run_dir, model_config, train_config, progress=not args.quiet)
@@ -195,13 +206,14 @@ def cmd_experiment(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reformer", description="Reformer: LSH attention and reversible "
+    parser = Parser(prog="reformer", description="Reformer: LSH attention and reversible "
                                      "layers for very long sequences.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
 
-    p = sub.add_parser("eval", help="bits per byte of a trained run on a split",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("eval", help="bits per byte of a trained run on a split", formatter_class=DefaultsOnce,
+                       description="Bits per byte of a run's latest weights on fixed, non-overlapping windows "
+                       "of a split of its corpus (or of --data). Prints one JSON line.")
     p.add_argument("run_dir", help="a run folder written by 'reformer train'")
     p.add_argument("--data", help="corpus (default: the one the run trained on)")
     p.add_argument("--split", default="valid", choices=("train", "valid", "test"), help="which split")
@@ -210,8 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=16, help="batches to evaluate")
     p.add_argument("--n-hashes", type=int, help="hashing rounds at evaluation (default: the model's)")
 
-    p = sub.add_parser("generate", help="sample text from a trained run",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("generate", help="sample text from a trained run", formatter_class=DefaultsOnce,
+                       description="Continue --prompt with bytes sampled from a run's latest weights, streamed "
+                       "to standard output (cached decoding where the model allows it).")
     p.add_argument("run_dir", help="a run folder written by 'reformer train' or 'reformer convert'")
     p.add_argument("--prompt", default="def ", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=300, help="bytes to generate at most")
@@ -222,7 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", default="", help="stop after any of these characters")
     p.add_argument("--no-cache", action="store_true", help="recompute the full forward for every byte")
 
-    p = sub.add_parser("convert", help="import or export HuggingFace transformers Reformer checkpoints")
+    p = sub.add_parser("convert", help="import or export HuggingFace transformers Reformer checkpoints",
+                       formatter_class=DefaultsOnce,
+                       description="Import a transformers Reformer folder (save_pretrained) as a run folder, or "
+                       "export a run folder for transformers' from_pretrained. Only models with "
+                       "lsh_window='chunk' (the anchors' window) export: transformers has no bucket window.")
     p.add_argument("--from-hf", metavar="FOLDER", help="a transformers save_pretrained folder to import")
     p.add_argument("--to-hf", metavar="RUN_DIR", help="a run folder to export")
     p.add_argument("--out", required=True, help="the folder to write")
@@ -230,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .experiments import EXPERIMENTS
 
     p = sub.add_parser("experiment", help="reproduce one of the paper's claims and write a report",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=DefaultsOnce,
                        description="Run an experiment and write results.json, README.md and plots to "
                        "docs/results/NAME (--quick: a smoke run under 2 minutes, to runs/experiments/NAME-quick).")
     p.add_argument("name", choices=sorted(EXPERIMENTS), help="which experiment")

@@ -23,6 +23,22 @@ POSITION_EMBEDDINGS = ("axial", "learned", "none")
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
 
 
+PRESET_FIELDS: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=256, d_model=32, n_heads=2, d_head=16, n_layers=2, d_ff=64,
+                 n_hashes=2, chunk_length=8, max_seq_len=256),
+    "small": dict(vocab_size=256, d_model=128, n_heads=4, d_head=32, n_layers=4, d_ff=512,
+                  attn_layers=("local", "lsh", "local", "lsh"), n_hashes=2, chunk_length=32,
+                  max_seq_len=1024),
+    "enwik8": dict(vocab_size=258, d_model=1024, n_heads=8, d_head=128, n_layers=12, d_ff=4096,
+                   attn_layers=("local", "local", "lsh", "local") * 3, n_hashes=4,
+                   chunk_length=256, local_chunk_length=128, max_seq_len=65536,
+                   axial_shape=(128, 512), axial_dims=(256, 768), dropout=0.1),
+    "duplication": dict(vocab_size=128, d_model=256, n_heads=4, d_head=64, n_layers=1, d_ff=512,
+                        n_hashes=4, chunk_length=64, max_seq_len=1024, position_embedding="learned"),
+}
+PRESETS = tuple(sorted(PRESET_FIELDS))
+
+
 def _fail(name: str, allowed: str, value: Any) -> ValueError:
     return ValueError(f"ReformerConfig.{name} must be {allowed}, got {value!r}")
 
@@ -274,22 +290,9 @@ class ReformerConfig:
             (local and LSH layers, 4 hash rounds, d_model 1024, 8 heads x 128, d_ff 4096).
         "duplication": the paper's copy task model: 1 layer, d_model 256, 4 heads, length 1024.
         """
-        presets = {
-            "tiny": dict(vocab_size=256, d_model=32, n_heads=2, d_head=16, n_layers=2, d_ff=64,
-                         n_hashes=2, chunk_length=8, max_seq_len=256),
-            "small": dict(vocab_size=256, d_model=128, n_heads=4, d_head=32, n_layers=4, d_ff=512,
-                          attn_layers=("local", "lsh", "local", "lsh"), n_hashes=2, chunk_length=32,
-                          max_seq_len=1024),
-            "enwik8": dict(vocab_size=258, d_model=1024, n_heads=8, d_head=128, n_layers=12, d_ff=4096,
-                           attn_layers=("local", "local", "lsh", "local") * 3, n_hashes=4,
-                           chunk_length=256, local_chunk_length=128, max_seq_len=65536,
-                           axial_shape=(128, 512), axial_dims=(256, 768), dropout=0.1),
-            "duplication": dict(vocab_size=128, d_model=256, n_heads=4, d_head=64, n_layers=1, d_ff=512,
-                                n_hashes=4, chunk_length=64, max_seq_len=1024, position_embedding="learned"),
-        }
-        if name not in presets:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
-        return cls(**{**presets[name], **overrides})
+        if name not in PRESET_FIELDS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {PRESETS}")
+        return cls(**{**PRESET_FIELDS[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

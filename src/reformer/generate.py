@@ -274,7 +274,7 @@ class Decoder:
         self.blocks = list(model.stack.blocks)
         self.caches = [CACHES[type(b.attention.attention)](b.attention.attention) for b in self.blocks]
         self.steps = [(_then(_bound_layer_norm(b.attention.norm), cache.step), _bound_feed_forward(b.feed_forward))
-                      for b, cache in zip(self.blocks, self.caches)]
+                      for b, cache in zip(self.blocks, self.caches, strict=True)]
         self.final_norm, self.head = _bound_layer_norm(model.norm), (model.head.bias, model.head.weight.t())
         self.length = 0
         self.positions = (0, None)   # (first position, its position embeddings (block, d_model))
@@ -283,7 +283,7 @@ class Decoder:
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.model.embed(ids, torch.arange(ids.shape[1], device=ids.device))
         x1 = x2 = x
-        for block, cache in zip(self.blocks, self.caches):
+        for block, cache in zip(self.blocks, self.caches, strict=True):
             def attend(x, block=block, cache=cache):
                 h = block.attention.norm(x)
                 cache.prefill(h)

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 
 from ..config import ReformerConfig
-from ..ops.hashing import derive_seed
 from ..nn.model import ReformerLM, next_token_loss
-from ..training.loop import TrainConfig, build_optimizer, lr_factor, lsh_layers
+from ..ops.hashing import derive_seed
 from ..plotting import pyplot, save_figure
+from ..training.loop import TrainConfig, build_optimizer, lr_factor, lsh_layers
 from .report import Report, full_attention_overrides, markdown_table, same_weights
 
 FULL = "full"

@@ -13,9 +13,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from ..plotting import pyplot, save_figure
 from ..training.checkpoint import load_model
 from . import lm_parity
-from ..plotting import pyplot, save_figure
 from .report import Report, full_attention_overrides, markdown_table, same_weights
 
 VARIANT = "lsh-2"

@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-from ..training.checkpoint import load_checkpoint, load_model
 from ..config import ReformerConfig
+from ..plotting import pyplot, save_figure
+from ..training.checkpoint import load_checkpoint, load_model
 from ..training.data import Corpus
 from ..training.loop import TrainConfig, evaluate, train
-from ..plotting import pyplot, save_figure
 from .report import Report, markdown_table
 
 # name -> config overrides of the shared base model

@@ -149,7 +149,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, log=print,
         rows = [(p["length"], p["seconds"]) for p in points
                 if p["implementation"] == impl and p["n_hashes"] == n_hashes and "seconds" in p]
         if rows:
-            ax.loglog(*zip(*rows), "o-", label=mode_name(impl, n_hashes), base=2)
+            ax.loglog(*zip(*rows, strict=True), "o-", label=mode_name(impl, n_hashes), base=2)
     ax.set_xlabel(f"sequence length (batch = {settings.tokens} tokens / length)")
     ax.set_ylabel("seconds per training step")
     ax.grid(alpha=0.3, which="both")

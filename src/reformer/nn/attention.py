@@ -46,15 +46,15 @@ class LSHSelfAttention(nn.Module):
         # reproducible and the reversible backward can replay them (reversible.py).
         self.hash_calls = torch.zeros((), dtype=torch.int64)
 
-    def rotations(self, n_hashes: int) -> torch.Tensor:
-        """Rotations (heads, d_head, n_hashes, width) on x's device: fixed in eval, fresh per call in
-        training."""
+    def rotations(self, n_hashes: int, device: torch.device | None = None) -> torch.Tensor:
+        """Rotations (heads, d_head, n_hashes, width) on ``device`` (the CPU by default): fixed in eval,
+        fresh per call in training."""
         calls = None
         if self.training:
             calls = self.hash_calls.clone()
             self.hash_calls.add_(1)
         return lsh_rotations(calls, self.hash_seed, self.layer_idx, self.n_heads, self.d_head, n_hashes,
-                             rotation_width(self.n_buckets))
+                             rotation_width(self.n_buckets), torch.device("cpu") if device is None else device)
 
     def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None,
                 n_hashes: int | None = None) -> torch.Tensor:
@@ -62,9 +62,9 @@ class LSHSelfAttention(nn.Module):
         length = x.shape[1]
         x, key_valid = pad_to_multiple(x, key_valid, self.band.chunk_length)
         dropout = self.dropout if self.training else 0.0
-        core = backend.choose_core(self.backend, x, self.band, dropout)
+        core = backend.choose_core(self.backend, x, self.band, dropout, training=self.training)
         if self.band.rule == "bucket":
-            rotations = self.rotations(n_hashes).to(x.device)
+            rotations = self.rotations(n_hashes, x.device)
             seed = dropout_seed() if dropout else 0
             out = backend.lsh_attention(x, self.qk.weight, self.v.weight, rotations, self.n_buckets, self.band,
                                         key_valid, dropout, seed, core)
@@ -76,7 +76,7 @@ class LSHSelfAttention(nn.Module):
             # attention. (Hashing would find the same keys, but its rounds round differently.)
             out = lsh.shared_qk_attention(qk, v, self.band.causal, key_valid, self.dropout, self.training)
         else:
-            out = lsh.lsh_attention_all_rounds(qk, v, self.rotations(n_hashes).to(x.device), self.n_buckets,
+            out = lsh.lsh_attention_all_rounds(qk, v, self.rotations(n_hashes, x.device), self.n_buckets,
                                                self.band, key_valid, self.dropout, self.training,
                                                hashing_vectors(qk, x, self.qk.weight))
         return self.out(merge_heads(out))[:, :length]
@@ -114,7 +114,8 @@ class LocalSelfAttention(_SeparateQKV):
         length = x.shape[1]
         x, key_valid = pad_to_multiple(x, key_valid, self.band.chunk_length)
         dropout = self.dropout if self.training else 0.0
-        core = backend.choose_core(self.backend, x, self.band, dropout, key_padding=key_valid is not None)
+        core = backend.choose_core(self.backend, x, self.band, dropout, key_padding=key_valid is not None,
+                                   training=self.training)
         q = split_heads(self.q(x), self.n_heads)
         k = split_heads(self.k(x), self.n_heads) / math.sqrt(self.d_head)
         v = split_heads(self.v(x), self.n_heads)

@@ -57,7 +57,8 @@ class AxialPositionEmbedding(nn.Module):
     def __init__(self, shape: tuple[int, ...], dims: tuple[int, ...], init_std: float = 1.0):
         super().__init__()
         self.shape = tuple(shape)
-        self.weights = nn.ParameterList(nn.Parameter(torch.randn(n, d) * init_std) for n, d in zip(shape, dims))
+        self.weights = nn.ParameterList(nn.Parameter(torch.randn(n, d) * init_std)
+                                        for n, d in zip(shape, dims, strict=True))
         strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
         self.register_buffer("strides", torch.tensor(strides), persistent=False)
         self.register_buffer("sizes", torch.tensor(shape), persistent=False)

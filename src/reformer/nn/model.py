@@ -79,7 +79,8 @@ class ReformerLM(nn.Module):
         if length > cfg.max_seq_len:
             raise ValueError(f"input length {length} exceeds config.max_seq_len={cfg.max_seq_len}")
         in_vocabulary = f"input_ids must lie in [0, vocab_size={cfg.vocab_size})"
-        if torch.compiler.is_compiling():   # no value leaves a compiled graph: checked where it runs
+        # No value leaves a compiled graph, and reading one off a GPU waits for it: checked where it runs.
+        if torch.compiler.is_compiling() or input_ids.device.type != "cpu":
             torch._assert_async(((input_ids >= 0) & (input_ids < cfg.vocab_size)).all(), in_vocabulary)
         else:
             low, high = int(input_ids.min()), int(input_ids.max())
@@ -99,7 +100,7 @@ class ReformerLM(nn.Module):
             binary = "attention_mask must hold only 0 and 1 (or be a bool tensor)"
             if attention_mask.dtype.is_complex:
                 raise ValueError(binary)
-            if torch.compiler.is_compiling():
+            if torch.compiler.is_compiling() or attention_mask.device.type != "cpu":
                 torch._assert_async(((attention_mask == 0) | (attention_mask == 1)).all(), binary)
             elif not ((attention_mask == 0) | (attention_mask == 1)).all():
                 raise ValueError(binary)

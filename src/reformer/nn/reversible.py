@@ -123,13 +123,13 @@ class RandomStates:
                 torch.set_rng_state(cpu)
                 if devices:
                     torch.cuda.set_rng_state(cuda, self.device)
-            for module, count in zip(lsh, calls):
+            for module, count in zip(lsh, calls, strict=True):
                 if count >= 0:
                     module.hash_calls.fill_(count)
             try:
                 yield
             finally:
-                for module, count in zip(lsh, current):
+                for module, count in zip(lsh, current, strict=True):
                     module.hash_calls.copy_(count)
 
 
@@ -192,7 +192,7 @@ def reversible_backward(dy1: torch.Tensor, dy2: torch.Tensor, y1: torch.Tensor, 
         if not chunk_size or inputs.shape[1] <= chunk_size:
             pieces = [(inputs, grad_out)]
         else:
-            pieces = list(zip(inputs.split(chunk_size, dim=1), grad_out.split(chunk_size, dim=1)))
+            pieces = list(zip(inputs.split(chunk_size, dim=1), grad_out.split(chunk_size, dim=1), strict=True))
         outs, input_grads = [], []
         # (set_rng_state reads a tensor of its own: a row of the stacked states is cloned)
         with states.replay(states.lsh, cpu_states[row].clone(), cuda_states[row].clone(), hash_calls[row]):
@@ -201,7 +201,7 @@ def reversible_backward(dy1: torch.Tensor, dy2: torch.Tensor, y1: torch.Tensor, 
                     piece = piece.detach().requires_grad_(True)
                     out = branch(piece, *args)
                 grads = torch.autograd.grad(out, [piece, *trained], piece_grad, allow_unused=True)
-                for p, g in zip(trained, grads[1:]):
+                for p, g in zip(trained, grads[1:], strict=True):
                     i = index[id(p)]
                     param_grads[i] = g if param_grads[i] is None or g is None else param_grads[i] + g
                 outs.append(out.detach())
@@ -225,8 +225,8 @@ def reversible_backward(dy1: torch.Tensor, dy2: torch.Tensor, y1: torch.Tensor, 
                 x1 = y1 - f_out
                 dy2 = dy2 + d_from_f            # dx2
             del f_out, d_from_f, y1
-            y1, y2 = x1, x2
-    return [dy1, dy2, *(torch.zeros_like(p) if g is None else g for p, g in zip(params, param_grads))]
+            y1, y2 = x1, x2   # noqa: F841 (the next block's outputs; after the first block, unused)
+    return [dy1, dy2, *(torch.zeros_like(p) if g is None else g for p, g in zip(params, param_grads, strict=True))]
 
 
 @reversible_backward.register_fake
@@ -264,6 +264,7 @@ class ReversibleStack(nn.Module):
         self.reversible = config.reversible
         self.dropouts = (config.dropout, config.attention_dropout, config.local_attention_dropout)
         self._number, self._owner = None, None
+        self.number()
 
     def number(self) -> int:
         """The stack's number in the registry the operators read, registered on first use (again for a copy:

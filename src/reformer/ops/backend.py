@@ -17,8 +17,6 @@ ValueError for a request that cannot be honoured; nothing below it chooses again
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from . import flex
@@ -34,16 +32,28 @@ ATTENTION_BACKENDS = ("auto", "native", "flex", "eager")
 NATIVE_DTYPES = (torch.float32, torch.float64)
 
 
-@functools.lru_cache(maxsize=None)
+_available: tuple[str, ...] | None = None
+
+
 def available_backends() -> tuple[str, ...]:
     """The backends this machine offers: "native" where a C compiler builds the kernels, "flex" where torch
-    has FlexAttention."""
-    offered = ["auto"]
-    if build.library() is not None:
-        offered.append("native")
-    if flex.available():
-        offered.append("flex")
-    return (*offered, "eager")
+    has FlexAttention. Found out once per process (every ReformerConfig asks, so a compiled model reads
+    the answer and never traces the build)."""
+    global _available
+    if _available is None:
+        offered = ["auto"]
+        if build.library() is not None:
+            offered.append("native")
+        if flex.available():
+            offered.append("flex")
+        _available = (*offered, "eager")
+    return _available
+
+
+def forget_available_backends() -> None:
+    """Find out again on the next call (after the machine's compiler changed, in tests)."""
+    global _available
+    _available = None
 
 
 def check_backend(name: str) -> None:
@@ -51,8 +61,8 @@ def check_backend(name: str) -> None:
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"ReformerConfig.attention_backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
     if name not in available_backends():
-        raise ValueError(f"ReformerConfig.attention_backend {name!r} is not available on this machine "
-                         f"({'no C compiler builds the compiled core' if name == 'native' else 'torch has no FlexAttention'}); "
+        why = "no C compiler builds the compiled core" if name == "native" else "torch has no FlexAttention"
+        raise ValueError(f"ReformerConfig.attention_backend {name!r} is not available on this machine ({why}); "
                          f"available: {available_backends()}")
 
 
@@ -62,11 +72,13 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def choose_core(setting: str, x: torch.Tensor, band: Band, dropout: float, key_padding: bool = False) -> str:
+def choose_core(setting: str, x: torch.Tensor, band: Band, dropout: float, key_padding: bool = False,
+                training: bool = False) -> str:
     """The core ("native", "flex" or "eager") that attends over x (batch, length, d) with ``band``.
 
     dropout: the attention dropout in force for this call (0 in evaluation); key_padding: a local layer
-    given a padding mask. Raises ValueError where ``setting`` names a core that cannot serve the call.
+    given a padding mask; training: the layer is in training mode (a backward will follow). Raises
+    ValueError where ``setting`` names a core that cannot serve the call.
     """
     if setting == "eager" or band.rule.startswith("anchor"):
         if setting in ("native", "flex"):
@@ -84,6 +96,7 @@ def choose_core(setting: str, x: torch.Tensor, band: Band, dropout: float, key_p
     ) if missing]
     flex_misses = [reason for reason, missing in (
         ("no attention dropout", bool(dropout)),
+        ("evaluation on the CPU (FlexAttention has no backward there)", training and device == "cpu"),
         ("torch's FlexAttention", "flex" not in available_backends()),
     ) if missing]
     if setting == "native":

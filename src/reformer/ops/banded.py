@@ -277,7 +277,8 @@ def _and(mask: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:
 
 
 def local_banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, band: Band,
-                           key_valid: torch.Tensor | None, dropout: float = 0.0, training: bool = False) -> torch.Tensor:
+                           key_valid: torch.Tensor | None, dropout: float = 0.0,
+                           training: bool = False) -> torch.Tensor:
     """Local attention on the masked core, over the unsorted sequence (the anchors' wrap-around band).
     q, k, v: (batch, heads, length, d), keys scaled beforehand; key_valid (batch, length) or None."""
     positions = torch.arange(q.shape[2], device=q.device)[None, None, :]

@@ -60,18 +60,22 @@ def draw_rotations(seed: int, n_heads: int, d_head: int, n_hashes: int,
 
 @torch.library.custom_op("reformer::lsh_rotations", mutates_args=())
 def lsh_rotations(calls: torch.Tensor | None, hash_seed: int, layer: int, n_heads: int, d_head: int,
-                  n_hashes: int, width: int) -> torch.Tensor:
-    """Rotations (n_heads, d_head, n_hashes, width), float32 on the CPU: of call number ``calls`` (a CPU
-    int64 scalar) of layer ``layer`` in training, from derive_seed(hash_seed, layer, calls); of hash_seed
-    alone when ``calls`` is None (evaluation)."""
+                  n_hashes: int, width: int, device: torch.device) -> torch.Tensor:
+    """Rotations (n_heads, d_head, n_hashes, width) in float32 on ``device``, drawn on the CPU: of call
+    number ``calls`` (a CPU int64 scalar) of layer ``layer`` in training, from derive_seed(hash_seed, layer,
+    calls); of hash_seed alone when ``calls`` is None (evaluation). A CUDA copy goes from pinned memory
+    without waiting: no host synchronisation per layer."""
     seed = hash_seed if calls is None else derive_seed(hash_seed, layer, int(calls))
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randn((n_heads, d_head, n_hashes, width), generator=generator, dtype=torch.float32)
+    rotations = torch.randn((n_heads, d_head, n_hashes, width), generator=generator, dtype=torch.float32)
+    if device.type == "cuda":
+        return rotations.pin_memory().to(device, non_blocking=True)
+    return rotations.to(device)
 
 
 @lsh_rotations.register_fake
-def _(calls, hash_seed, layer, n_heads, d_head, n_hashes, width):
-    return torch.empty((n_heads, d_head, n_hashes, width), dtype=torch.float32, device="cpu")
+def _(calls, hash_seed, layer, n_heads, d_head, n_hashes, width, device):
+    return torch.empty((n_heads, d_head, n_hashes, width), dtype=torch.float32, device=device)
 
 
 HASH_BLOCK_ELEMENTS = 1 << 20   # rotated values computed at once (4 MiB in float32: reused blocks, no page faults)

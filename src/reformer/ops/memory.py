@@ -82,7 +82,7 @@ def carve(like: torch.Tensor, *shapes: tuple[int, ...]) -> list[torch.Tensor]:
     """
     sizes = [math.prod(shape) for shape in shapes]
     flat = empty((sum(sizes),), like)
-    return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
+    return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes, strict=True)]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,7 @@ def storage_view(x: torch.Tensor) -> torch.Tensor | None:
         return None
     # The rows x spans, and no more: a view of the whole storage would overlap other tensors carved
     # from it (RoundBuffers), and index_select refuses to write into memory its input overlaps.
-    span = 1 + sum((size - 1) * stride for size, stride in zip(x.shape[:3], x.stride()[:3])) // d
+    span = 1 + sum((size - 1) * stride for size, stride in zip(x.shape[:3], x.stride()[:3], strict=True)) // d
     return x.as_strided((span, d), (d, 1), x.storage_offset())
 
 
@@ -62,7 +62,7 @@ def item_offsets(x: torch.Tensor, index: torch.Tensor, unit: int) -> torch.Tenso
     (``storage_view``), in units of ``unit`` elements (which divides x's first three strides): one pass
     over the items."""
     batch, heads = (torch.arange(size, device=x.device) * (stride // unit)
-                    for size, stride in zip(x.shape[:2], x.stride()[:2]))
+                    for size, stride in zip(x.shape[:2], x.stride()[:2], strict=True))
     return torch.add(batch[:, None, None] + heads[None, :, None], index, alpha=x.stride(2) // unit)
 
 

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,41 +24,47 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import checkpoint as ckpt
 from ..config import ReformerConfig
 from ..files import write_atomically
 from ..nn.attention import LSHSelfAttention
 from ..nn.model import ReformerLM, next_token_loss
 from ..ops.hashing import derive_seed
 from ..plotting import pyplot, save_figure
+from . import checkpoint as ckpt
 from .data import Corpus, DataError, eval_batches, window_batch
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adafactor")
 SCHEDULES = ("cosine", "rsqrt", "constant")
 
 
+def _option(default, help: str, choices: tuple[str, ...] | None = None):
+    """A TrainConfig field with the help text (and choices) of its command-line flag (cli.py)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass
 class TrainConfig:
-    """How to train. ``batch_size`` sequences of ``seq_len`` bytes per optimiser step (global)."""
+    """How to train. ``batch_size`` sequences of ``seq_len`` bytes per optimiser step (global). Each field is
+    also a flag of ``reformer train`` (--batch-size for batch_size), with the help text given here."""
 
-    data: str = "stdlib"
-    glob: str = "**/*"
-    steps: int = 500
-    batch_size: int = 8
-    seq_len: int = 512
-    accum: int = 1
-    optimizer: str = "adam"
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    schedule: str = "cosine"
-    warmup: int = 50
-    clip: float = 1.0
-    bf16: bool = False
-    eval_every: int = 100
-    eval_batches: int = 8
-    checkpoint_every: int = 100
-    seed: int = 0
+    data: str = _option("stdlib", "'stdlib', a file, a folder, or enwik8.zip")
+    glob: str = _option("**/*", "files of a --data folder to use (recursive pattern)")
+    steps: int = _option(500, "optimiser steps")
+    batch_size: int = _option(8, "sequences per step (global: split across torchrun's processes)")
+    seq_len: int = _option(512, "bytes per training sequence")
+    accum: int = _option(1, "micro-batches per step (gradient accumulation)")
+    optimizer: str = _option("adam", "the optimiser", OPTIMIZERS)
+    lr: float = _option(3e-3, "peak learning rate")
+    weight_decay: float = _option(0.0, "weight decay")
+    momentum: float = _option(0.9, "momentum of sgd and rmsprop")
+    schedule: str = _option("cosine", "learning rate after warmup", SCHEDULES)
+    warmup: int = _option(50, "linear warmup steps")
+    clip: float = _option(1.0, "gradient norm clip (0 = off)")
+    bf16: bool = _option(False, "bfloat16 autocast")
+    eval_every: int = _option(100, "steps between validations")
+    eval_batches: int = _option(8, "batches per validation")
+    checkpoint_every: int = _option(100, "steps between checkpoints")
+    seed: int = _option(0, "seed of weights, data order and dropout")
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "accum", "eval_every", "eval_batches",
@@ -195,9 +201,9 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
     valid = [(r["step"], r["valid_bpb"]) for r in records if "valid_bpb" in r]
     fig, ax = pyplot().subplots(figsize=(7, 4))
     if train:
-        ax.plot(*zip(*train), label="train", alpha=0.6)
+        ax.plot(*zip(*train, strict=True), label="train", alpha=0.6)
     if valid:
-        ax.plot(*zip(*valid), "o-", label="valid")
+        ax.plot(*zip(*valid, strict=True), "o-", label="valid")
     ax.set_xlabel("step")
     ax.set_ylabel("bits per byte")
     ax.grid(alpha=0.3)

@@ -134,6 +134,9 @@ def plot(points: list[dict], path: str) -> None:
 
 
 def main() -> None:
+    from reformer.ops import memory
+
+    memory.offer_huge_pages_to_torch()   # as the reformer command does, before torch's first large block
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)

@@ -72,6 +72,9 @@ def huggingface(context: int, new: int) -> float:
 
 
 def main() -> None:
+    from reformer.ops import memory
+
+    memory.offer_huge_pages_to_torch()   # as the reformer command does, before torch's first large block
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192])
     parser.add_argument("--new", type=int, default=64, help="tokens timed (cached runs)")

@@ -51,6 +51,9 @@ def child(depth: int, length: int, reversible: bool) -> None:
 
 
 def main() -> None:
+    from reformer.ops import memory
+
+    memory.offer_huge_pages_to_torch()   # as the reformer command does, before torch's first large block
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=3)

@@ -49,6 +49,9 @@ def build(impl: str, length: int, n_hashes: int):
 
 
 def main() -> None:
+    from reformer.ops import memory
+
+    memory.offer_huge_pages_to_torch()   # as the reformer command does, before torch's first large block
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=("step", "speed", "child"))
     parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)

@@ -279,7 +279,7 @@ class Decoder:
         self.length = 0
         self.positions = (0, None)   # (first position, its position embeddings (block, d_model))
 
-    @torch.inference_mode()   # no view tracking or version counters: a fifth of a decode step
+    @torch.inference_mode()   # no view tracking or version counters: a decode step is mostly overhead
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.model.embed(ids, torch.arange(ids.shape[1], device=ids.device))
         x1 = x2 = x
@@ -305,7 +305,7 @@ class Decoder:
             self.positions = first, table
         return x + table[self.length - first]
 
-    @torch.inference_mode()   # no view tracking or version counters: a fifth of a decode step
+    @torch.inference_mode()   # no view tracking or version counters: a decode step is mostly overhead
     def step(self, token: torch.Tensor) -> torch.Tensor:
         if self.length >= self.model.config.max_seq_len:
             raise ValueError(f"the context is full (max_seq_len={self.model.config.max_seq_len})")

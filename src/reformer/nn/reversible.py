@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ReformerConfig
+from ..ops.registry import operator
 from .attention import ATTENTION_LAYERS, LSHSelfAttention
 from .layers import FeedForward
 
@@ -144,7 +145,7 @@ def _autocast(device: torch.device, enabled: bool, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=enabled)
 
 
-@torch.library.custom_op("reformer::reversible_forward", mutates_args=())
+@operator
 def reversible_forward(x1: torch.Tensor, x2: torch.Tensor, key_valid: torch.Tensor | None, params: list[torch.Tensor],
                        stack: int, n_hashes: int | None, autocast: bool, autocast_dtype: torch.dtype
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,7 +159,7 @@ def reversible_forward(x1: torch.Tensor, x2: torch.Tensor, key_valid: torch.Tens
     return (x1, x2, *states.tensors())
 
 
-@reversible_forward.register_fake
+@torch.library.register_fake(reversible_forward)
 def _(x1, x2, key_valid, params, stack, n_hashes, autocast, autocast_dtype):
     module = _stack(stack)
     branches = 2 * len(module.blocks)
@@ -168,7 +169,7 @@ def _(x1, x2, key_valid, params, stack, n_hashes, autocast, autocast_dtype):
             torch.empty(branches, cuda, dtype=torch.uint8), torch.empty(branches, lsh, dtype=torch.int64))
 
 
-@torch.library.custom_op("reformer::reversible_backward", mutates_args=())
+@operator
 def reversible_backward(dy1: torch.Tensor, dy2: torch.Tensor, y1: torch.Tensor, y2: torch.Tensor,
                         key_valid: torch.Tensor | None, cpu_states: torch.Tensor, cuda_states: torch.Tensor,
                         hash_calls: torch.Tensor, stack: int, n_hashes: int | None, autocast: bool,
@@ -229,7 +230,7 @@ def reversible_backward(dy1: torch.Tensor, dy2: torch.Tensor, y1: torch.Tensor, 
     return [dy1, dy2, *(torch.zeros_like(p) if g is None else g for p, g in zip(params, param_grads, strict=True))]
 
 
-@reversible_backward.register_fake
+@torch.library.register_fake(reversible_backward)
 def _(dy1, dy2, y1, y2, key_valid, cpu_states, cuda_states, hash_calls, stack, n_hashes, autocast, autocast_dtype):
     params = _stack(stack).trained_parameters()
     return [torch.empty_like(dy1), torch.empty_like(dy2),
@@ -248,7 +249,7 @@ def _backward(ctx, dy1, dy2, *_):
     return dx1, dx2, None, param_grads, None, None, None, None
 
 
-reversible_forward.register_autograd(_backward, setup_context=_save)
+torch.library.register_autograd(reversible_forward, _backward, setup_context=_save)
 
 
 class ReversibleStack(nn.Module):

@@ -20,6 +20,7 @@ import torch
 
 from . import memory
 from .native import kernels as native
+from .registry import operator
 
 _MIX = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: spreads consecutive integers over the seed space
 SEED_LIMIT = 2**63         # seeds are int64 (torch operators take no wider integers)
@@ -58,7 +59,7 @@ def draw_rotations(seed: int, n_heads: int, d_head: int, n_hashes: int,
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
-@torch.library.custom_op("reformer::lsh_rotations", mutates_args=())
+@operator
 def lsh_rotations(calls: torch.Tensor | None, hash_seed: int, layer: int, n_heads: int, d_head: int,
                   n_hashes: int, width: int, device: torch.device) -> torch.Tensor:
     """Rotations (n_heads, d_head, n_hashes, width) in float32 on ``device``, drawn on the CPU: of call
@@ -73,7 +74,7 @@ def lsh_rotations(calls: torch.Tensor | None, hash_seed: int, layer: int, n_head
     return rotations.to(device)
 
 
-@lsh_rotations.register_fake
+@torch.library.register_fake(lsh_rotations)
 def _(calls, hash_seed, layer, n_heads, d_head, n_hashes, width, device):
     return torch.empty((n_heads, d_head, n_hashes, width), dtype=torch.float32, device=device)
 

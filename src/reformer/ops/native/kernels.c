@@ -1,8 +1,8 @@
 /* The interval core (intervals.py) compiled: each query is scored against its own span only.
 
-In the bucket window a query's span holds the earlier items of its bucket within reach: ~25 keys on
-average at the benchmark's sizes, where the batched products of the eager core score all 96 columns of
-the window and mask most of them. Here, per group of QB consecutive queries (in sorted order they mostly
+In the bucket window a query's span holds the earlier items of its bucket within reach: typically a
+fraction of the window, whose every column the batched products of the eager core score before masking
+most of them. Here, per group of QB consecutive queries (in sorted order they mostly
 share a bucket, so their spans nearly coincide), only the columns of their spans are scored.
 
 Layout (as in intervals.py): queries q (n, d) rows; keys and values padded (rows, d) with `before * c`
@@ -18,25 +18,24 @@ How it is fast on a CPU without BLAS:
 - exp is a vectorisable polynomial (float32), the row sums and maxima are simd reductions.
 - Weighted sums of value (or key) rows run two queries at a time, eight vector accumulators.
 - Backward gathers dk and dv of a chunk's window in a tile, then adds it to the rows.
-- LSH rounds (rounds.py) pass their rows by index instead of sorted copies: each sub-block's rows are
+- LSH rounds (fused_rounds.py) pass their rows by index instead of sorted copies: each sub-block's rows are
   gathered into buffers that stay in cache (keys scaled on the way, reads prefetched a few rows ahead),
   forward adds each query's result straight into the online softmax over rounds in position order, and
   scatter_gradients adds a round's gradients back in position order. No sorted copy of a head's rows
-  goes through memory (layer step A/B: 4K tokens -15%, 16K -10%, 64K -4% time; 20-110 MiB less memory).
+  goes through memory.
 
 Parallel: the chunks are cut in contiguous parts of a few sub-blocks, which the threads take as they come
-free, on torch's own OpenMP threads where native.py builds with -fopenmp (the loader binds this library
+free, on torch's own OpenMP threads where build.py builds with -fopenmp (the loader binds this library
 to the libgomp torch has loaded), else on POSIX threads started per call. A part works through its
 chunks a sub-block at a time in buffers of its own (the window rows a sub-block shares with the one
-before are moved, not gathered again), so the threads meet once per call, not once per block (4
-barriers per block of 1,024 rows before: backward per head at 64K tokens 203-239 vs 216-240 ms), and a
-thread the machine slows down holds the others up by one part at most (one part per thread: forward per
-head 139-150 vs 115-143 ms with 32 parts, backward 220-226 vs 186-215). Windows overlap, so a part
+before are moved, not gathered again), so the threads meet once per call, not once per block, and a
+thread the machine slows down (another tenant on its core) holds the others up by one part at most,
+where one part per thread would hold them up for its whole share. Windows overlap, so a part
 writes the gradient rows of its own chunks and puts its share of the rows after them in a tail buffer,
 added in part order once every part is done. A part is the same range whichever thread runs it, so
 results are the same from run to run; the number of threads only changes the order of a few sums.
 
-Built by native.py with -O3 -march=native -fno-trapping-math (no trapping math so that the loops around
+Built by build.py with -O3 -march=native -fno-trapping-math (no trapping math so that the loops around
 exp's conversions vectorise) and -fopenmp, or -fopenmp-simd (the simd pragmas without a runtime). The
 file includes itself once per element type, with T, NAME, LANES, LOG and EXP defined.
 */
@@ -124,8 +123,7 @@ static void parallel_for(range_fn fn, const void *args, int64_t begin, int64_t e
 
 /* Rows of queries per sub-block: a thread gathers, transposes and attends its chunks a sub-block at a
    time, so that the sub-block's rows (gathered rows, transposed keys and values, about 1 MiB at d = 64)
-   stay in its core's L2 cache. At 64K tokens on 2 cores, 512 rows per thread made the LSH rounds' kernels
-   10-15% faster than 2,048 (which spilled to L3). */
+   stay in its core's L2 cache (2,048 rows spill to L3). */
 #define BLOCK_ROWS_PER_THREAD 512
 
 /* exp(x) for float32, as a polynomial the compiler vectorises (libm's expf is a call per number, a third
@@ -150,7 +148,7 @@ static inline double exp_float64(double x) { return exp(x); }
 
 #define QB 4   /* queries scored together: QB x 2 vector accumulators stay in registers */
 
-/* One LSH round's items in bucket order and their spans (rounds.sort_by_bucket, intervals.bucket_spans and
+/* One LSH round's items in bucket order and their spans (sorting.sort_by_bucket, intervals.bucket_spans and
    make_spans at once). Sequences s = b heads + h of `length` items, bucket ids at
    buckets[b bs + h hs + position ps]; valid (batch, length) or NULL. Per sequence, a counting sort by bucket
    (stable: positions stay in order inside a bucket), then for sorted item i (global index) the bucket
@@ -608,8 +606,8 @@ static void F(weighted_rows)(T *y0, T *y1, const T *w0, const T *w1, const T *x,
 
 /* tile[col] += sum_{r < m} w[r * sw + col] x_r for columns [from, to) of a (columns, d) tile; x_r = row
    r of x (d wide). Each tile row is read and written once per group of queries; four vectors of it at a
-   time, so that four sums over the queries run side by side (two left the loop waiting on the adds'
-   latency: it took twice the scores' time). */
+   time, so that four sums over the queries run side by side (with two, the loop waits on the adds'
+   latency). */
 static void F(spread)(T *tile, const T *w, int64_t sw, const T *x, int m, int64_t d, int64_t from, int64_t to) {
     for (int64_t col = from; col < to; col++) {
         T *out = tile + col * d, weight[QB];

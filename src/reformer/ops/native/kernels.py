@@ -121,7 +121,7 @@ def forward(q, k, v, spans, chunk: int, width: int, pad: int, lse, out=None, k_s
     Rows as they lie: q (n, d), k and v padded (``pad`` rows in front, n + width - chunk in all). Or by
     index: q and v Rows, k None (shared-QK: the keys are the q rows times k_scale (n,)). Outputs: out
     (n, dv) by item; or, with ``combine`` = (order, has_other, acc, best, norm, scores), the round added
-    to the online softmax over rounds in position order (rounds.heads_forward); with ``finish`` =
+    to the online softmax over rounds in position order (fused_rounds.forward); with ``finish`` =
     (out Rows by position, total, any_other) too (the last round), the softmax finished: the result
     into out's rows, the total normaliser and any_other (no round saw another key: out is v) by position."""
     n, dtype = lse.shape[0], lse.dtype

@@ -22,6 +22,7 @@ from ..bands import Band, Window
 from ..hashing import hash_vectors
 from ..intervals import local_spans, pad_keys, unpad_keys
 from ..layout import heads_rows
+from ..registry import operator
 from . import kernels
 
 
@@ -36,7 +37,7 @@ def _check_floats(**tensors: torch.Tensor) -> None:
                              f"{t.device.type} (use attention_backend 'eager' or 'auto')")
 
 
-@torch.library.custom_op("reformer::project_pairs", mutates_args=())
+@operator
 def project_pairs(h: torch.Tensor, w_qk: torch.Tensor, w_v: torch.Tensor, heads: int) -> torch.Tensor:
     """bucket_attention.project_pairs: (B, L, heads * 2 d) rows, each head's query next to its value. Not
     differentiable (forward's rows for hashing and the rounds; backward projects again)."""
@@ -44,12 +45,12 @@ def project_pairs(h: torch.Tensor, w_qk: torch.Tensor, w_v: torch.Tensor, heads:
     return bucket_attention.project_pairs(h, w_qk, w_v, heads)
 
 
-@project_pairs.register_fake
+@torch.library.register_fake(project_pairs)
 def _(h, w_qk, w_v, heads):
     return h.new_empty(*h.shape[:2], w_qk.shape[0] + w_v.shape[0])
 
 
-@torch.library.custom_op("reformer::hash_buckets", mutates_args=())
+@operator
 def hash_buckets(vectors: torch.Tensor, rotations: torch.Tensor, n_buckets: list[int]) -> torch.Tensor:
     """hashing.hash_vectors through the compiled pass: vectors (B, H, L, d), rotations (H, d, rounds,
     width), n_buckets [n] or [a, b] (factorised) -> (B, H, rounds, L) int64 ids."""
@@ -57,13 +58,13 @@ def hash_buckets(vectors: torch.Tensor, rotations: torch.Tensor, n_buckets: list
     return hash_vectors(vectors, rotations, n_buckets[0] if len(n_buckets) == 1 else tuple(n_buckets), compiled=True)
 
 
-@hash_buckets.register_fake
+@torch.library.register_fake(hash_buckets)
 def _(vectors, rotations, n_buckets):
     batch, heads, length, _ = vectors.shape
     return vectors.new_empty(batch, heads, rotations.shape[2], length, dtype=torch.long)
 
 
-@torch.library.custom_op("reformer::lsh_bucket_attention", mutates_args=())
+@operator
 def lsh_bucket_attention(h: torch.Tensor, w_qk: torch.Tensor, w_v: torch.Tensor, qk: torch.Tensor, v: torch.Tensor,
                          buckets: torch.Tensor, valid: torch.Tensor | None, chunk: int, before: int, after: int,
                          causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
@@ -82,7 +83,7 @@ def lsh_bucket_attention(h: torch.Tensor, w_qk: torch.Tensor, w_v: torch.Tensor,
     return out.transpose(1, 2).reshape(batch, length, heads * d), state.total, state.any_other, state.scores, state.lses
 
 
-@lsh_bucket_attention.register_fake
+@torch.library.register_fake(lsh_bucket_attention)
 def _(h, w_qk, w_v, qk, v, buckets, valid, chunk, before, after, causal):
     batch, heads, rounds, length = buckets.shape
     per_head = (batch, heads, length)
@@ -90,7 +91,7 @@ def _(h, w_qk, w_v, qk, v, buckets, valid, chunk, before, after, causal):
             h.new_empty(rounds, *per_head), h.new_empty(rounds, *per_head))
 
 
-@torch.library.custom_op("reformer::lsh_bucket_attention_backward", mutates_args=())
+@operator
 def lsh_bucket_attention_backward(d_out: torch.Tensor, h: torch.Tensor, w_qk: torch.Tensor, w_v: torch.Tensor,
                                   buckets: torch.Tensor, valid: torch.Tensor | None, out: torch.Tensor,
                                   total: torch.Tensor, any_other: torch.Tensor, scores: torch.Tensor,
@@ -106,7 +107,7 @@ def lsh_bucket_attention_backward(d_out: torch.Tensor, h: torch.Tensor, w_qk: to
                                            state, _bucket_band(chunk, before, after, causal), 0.0, 0, fused=True)
 
 
-@lsh_bucket_attention_backward.register_fake
+@torch.library.register_fake(lsh_bucket_attention_backward)
 def _(d_out, h, w_qk, w_v, buckets, valid, out, total, any_other, scores, lses, chunk, before, after, causal):
     return h.new_empty(h.shape), w_qk.new_empty(w_qk.shape), w_v.new_empty(w_v.shape)
 
@@ -122,7 +123,7 @@ def _lsh_backward(ctx, d_out, *_):
     return (*lsh_bucket_attention_backward(d_out, *saved, *ctx.geometry),) + (None,) * 8
 
 
-lsh_bucket_attention.register_autograd(_lsh_backward, setup_context=_save_lsh)
+torch.library.register_autograd(lsh_bucket_attention, _lsh_backward, setup_context=_save_lsh)
 
 
 def _local_geometry(q: torch.Tensor, chunk: int, before: int, after: int, causal: bool):
@@ -132,7 +133,7 @@ def _local_geometry(q: torch.Tensor, chunk: int, before: int, after: int, causal
     return window, local_spans(window, batch * heads * length, length, causal, None, q.device)
 
 
-@torch.library.custom_op("reformer::local_attention", mutates_args=())
+@operator
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int, before: int, after: int,
                     causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Local attention on the compiled interval core: q, k, v (B, H, L, d), L a multiple of ``chunk``
@@ -148,12 +149,12 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: in
     return out.view(v.shape), lse
 
 
-@local_attention.register_fake
+@torch.library.register_fake(local_attention)
 def _(q, k, v, chunk, before, after, causal):
     return v.new_empty(v.shape), q.new_empty(q.shape[0] * q.shape[1] * q.shape[2])
 
 
-@torch.library.custom_op("reformer::local_attention_backward", mutates_args=())
+@operator
 def local_attention_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              out: torch.Tensor, lse: torch.Tensor, chunk: int, before: int, after: int,
                              causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -169,7 +170,7 @@ def local_attention_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tens
     return d_q.view(q.shape), unpad_keys(d_k, window).reshape(k.shape), unpad_keys(d_v, window).reshape(v.shape)
 
 
-@local_attention_backward.register_fake
+@torch.library.register_fake(local_attention_backward)
 def _(d_out, q, k, v, out, lse, chunk, before, after, causal):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
@@ -185,4 +186,4 @@ def _local_backward(ctx, d_out, _):
     return (*local_attention_backward(d_out, q, k, v, out, lse, *ctx.geometry), None, None, None, None)
 
 
-local_attention.register_autograd(_local_backward, setup_context=_save_local)
+torch.library.register_autograd(local_attention, _local_backward, setup_context=_save_local)

@@ -241,10 +241,15 @@ def _save(ctx, inputs, output) -> None:
     _, _, key_valid, _, *options = inputs
     y1, y2, cpu_states, cuda_states, hash_calls = output
     ctx.save_for_backward(y1, y2, key_valid, cpu_states, cuda_states, hash_calls)
+    ctx.mark_non_differentiable(cpu_states, cuda_states, hash_calls)
+    ctx.set_materialize_grads(False)   # (dy1 or dy2 may then be None: one half unused downstream)
     ctx.options = options
 
 
 def _backward(ctx, dy1, dy2, *_):
+    y1, y2 = ctx.saved_tensors[:2]
+    dy1 = torch.zeros_like(y1) if dy1 is None else dy1
+    dy2 = torch.zeros_like(y2) if dy2 is None else dy2
     dx1, dx2, *param_grads = reversible_backward(dy1, dy2, *ctx.saved_tensors, *ctx.options)
     return dx1, dx2, None, param_grads, None, None, None, None
 

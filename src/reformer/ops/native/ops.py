@@ -115,75 +115,96 @@ def _(d_out, h, w_qk, w_v, buckets, valid, out, total, any_other, scores, lses, 
 def _save_lsh(ctx, inputs, output) -> None:
     h, w_qk, w_v, _, _, buckets, valid, chunk, before, after, causal = inputs
     ctx.save_for_backward(h, w_qk, w_v, buckets, valid, *output)
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)   # no zero-filled gradients for the outputs backward only reads
     ctx.geometry = (chunk, before, after, causal)
 
 
 def _lsh_backward(ctx, d_out, *_):
-    saved = ctx.saved_tensors
-    return (*lsh_bucket_attention_backward(d_out, *saved, *ctx.geometry),) + (None,) * 8
+    if d_out is None:   # the output went unused
+        return (None,) * 11
+    return (*lsh_bucket_attention_backward(d_out, *ctx.saved_tensors, *ctx.geometry),) + (None,) * 8
 
 
 torch.library.register_autograd(lsh_bucket_attention, _lsh_backward, setup_context=_save_lsh)
 
 
-def _local_geometry(q: torch.Tensor, chunk: int, before: int, after: int, causal: bool):
+def _own_rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., d) -> (N, d) contiguous rows in memory of their own (an operator's output never aliases its
+    input): a copy where t is not laid out as rows already, else a clone."""
+    rows = t.reshape(-1, t.shape[-1]).contiguous()
+    return rows.clone() if rows.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() else rows
+
+
+def _local_geometry(shape, chunk: int, before: int, after: int, causal: bool, device):
     """The local spans and window of (B, H, L, d) queries laid end to end as rows."""
-    batch, heads, length, _ = q.shape
+    batch, heads, length, _ = shape
     window = Window(chunk, before, after)
-    return window, local_spans(window, batch * heads * length, length, causal, None, q.device)
+    return window, local_spans(window, batch * heads * length, length, causal, None, device)
 
 
 @operator
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int, before: int, after: int,
-                    causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                    causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Local attention on the compiled interval core: q, k, v (B, H, L, d), L a multiple of ``chunk``
-    (keys scaled beforehand; no padding). Returns out (B, H, L, d) and each query's logsumexp (B H L,),
-    which backward reads."""
+    (keys scaled beforehand; no padding). Returns out (B, H, L, d) and, for backward (which then holds no
+    copy of the projections), each query's logsumexp (B H L,), the queries as rows (B H L, d) and the keys
+    and values in the core's padded layout."""
     _check_floats(q=q, k=k, v=v)
-    window, spans = _local_geometry(q, chunk, before, after, causal)
-    rows = [t.reshape(-1, t.shape[-1]).contiguous() for t in (q, k, v)]
-    k_padded, v_padded = pad_keys(rows[1], window), pad_keys(rows[2], window)
-    n = rows[0].shape[0]
-    out, lse = rows[0].new_empty(n, v.shape[-1]), rows[0].new_empty(n)
-    kernels.forward(rows[0], k_padded, v_padded, spans, chunk, window.width, window.before * chunk, lse, out=out)
-    return out.view(v.shape), lse
+    window, spans = _local_geometry(q.shape, chunk, before, after, causal, q.device)
+    q_rows, k_rows, v_rows = (_own_rows(t) for t in (q, k, v))
+    k_padded, v_padded = pad_keys(k_rows, window), pad_keys(v_rows, window)
+    del k_rows, v_rows
+    n = q_rows.shape[0]
+    out, lse = q_rows.new_empty(n, v.shape[-1]), q_rows.new_empty(n)
+    kernels.forward(q_rows, k_padded, v_padded, spans, chunk, window.width, window.before * chunk, lse, out=out)
+    return out.view(v.shape), lse, q_rows, k_padded, v_padded
 
 
 @torch.library.register_fake(local_attention)
 def _(q, k, v, chunk, before, after, causal):
-    return v.new_empty(v.shape), q.new_empty(q.shape[0] * q.shape[1] * q.shape[2])
+    n = q.shape[0] * q.shape[1] * q.shape[2]
+    padded = n + (before + after) * chunk
+    return (v.new_empty(v.shape), q.new_empty(n), q.new_empty(n, q.shape[-1]), k.new_empty(padded, k.shape[-1]),
+            v.new_empty(padded, v.shape[-1]))
 
 
 @operator
-def local_attention_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             out: torch.Tensor, lse: torch.Tensor, chunk: int, before: int, after: int,
+def local_attention_backward(d_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, q_rows: torch.Tensor,
+                             k_padded: torch.Tensor, v_padded: torch.Tensor, chunk: int, before: int, after: int,
                              causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of q, k and v (B, H, L, d) from d_out and what the forward returned."""
-    _check_floats(d_out=d_out, q=q, k=k, v=v)
-    window, spans = _local_geometry(q, chunk, before, after, causal)
-    q_rows, k_rows, v_rows, d_rows, out_rows = (t.reshape(-1, t.shape[-1]).contiguous() for t in (q, k, v, d_out, out))
-    k_padded, v_padded = pad_keys(k_rows, window), pad_keys(v_rows, window)
+    """Gradients of q, k and v (B, H, L, d) from d_out (B, H, L, d) and what the forward returned."""
+    _check_floats(d_out=d_out, out=out)
+    batch, heads, length, _ = out.shape
+    shape = (batch, heads, length, q_rows.shape[-1])
+    window, spans = _local_geometry(shape, chunk, before, after, causal, out.device)
+    d_rows, out_rows = (t.reshape(-1, t.shape[-1]).contiguous() for t in (d_out, out))
     row = (d_rows * out_rows).sum(dim=-1).contiguous()
     d_q, d_k, d_v = torch.empty_like(q_rows), torch.empty_like(k_padded), torch.empty_like(v_padded)
     kernels.backward(q_rows, k_padded, v_padded, d_rows, spans, chunk, window.width, window.before * chunk, lse,
                      row, d_q, d_k, d_v)
-    return d_q.view(q.shape), unpad_keys(d_k, window).reshape(k.shape), unpad_keys(d_v, window).reshape(v.shape)
+    return (d_q.view(shape), unpad_keys(d_k, window).reshape(shape),
+            unpad_keys(d_v, window).reshape(*shape[:3], v_padded.shape[-1]))
 
 
 @torch.library.register_fake(local_attention_backward)
-def _(d_out, q, k, v, out, lse, chunk, before, after, causal):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _(d_out, out, lse, q_rows, k_padded, v_padded, chunk, before, after, causal):
+    shape = (*out.shape[:3], q_rows.shape[-1])
+    return q_rows.new_empty(shape), k_padded.new_empty(shape), v_padded.new_empty(out.shape)
 
 
 def _save_local(ctx, inputs, output) -> None:
-    q, k, v, chunk, before, after, causal = inputs
-    ctx.save_for_backward(q, k, v, *output)
+    *_, chunk, before, after, causal = inputs
+    ctx.save_for_backward(*output)
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)   # no zero-filled gradients for the outputs backward only reads
     ctx.geometry = (chunk, before, after, causal)
 
 
-def _local_backward(ctx, d_out, _):
-    q, k, v, out, lse = ctx.saved_tensors
-    return (*local_attention_backward(d_out, q, k, v, out, lse, *ctx.geometry), None, None, None, None)
+def _local_backward(ctx, d_out, *_):
+    if d_out is None:   # the output went unused
+        return (None,) * 7
+    return (*local_attention_backward(d_out, *ctx.saved_tensors, *ctx.geometry), None, None, None, None)
 
 
 torch.library.register_autograd(local_attention, _local_backward, setup_context=_save_local)

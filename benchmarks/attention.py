@@ -115,22 +115,10 @@ def child(impl: str, length: int) -> None:
 
 
 def plot(points: list[dict], path: str) -> None:
-    from reformer.plotting import pyplot, save_figure
+    from reformer.plotting import time_and_memory
 
-    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
-    for impl in IMPLEMENTATIONS:
-        rows = sorted((p["length"], p["seconds"], p["peak_rss_mib"]) for p in points if p["implementation"] == impl)
-        if rows:
-            lengths, seconds, rss = zip(*rows, strict=True)
-            axes[0].loglog(lengths, seconds, "o-", label=impl)
-            axes[1].loglog(lengths, rss, "o-", label=impl)
-    axes[0].set_ylabel("seconds (forward + backward)")
-    axes[1].set_ylabel("peak RSS (MiB)")
-    for ax in axes:
-        ax.set_xlabel("sequence length")
-        ax.grid(alpha=0.3, which="both")
-    axes[0].legend()
-    save_figure(fig, path)
+    time_and_memory(points, IMPLEMENTATIONS, "peak_rss_mib", "seconds (forward + backward)", "peak RSS (MiB)",
+                    f"one causal attention layer, d_model {D_MODEL}, {HEADS} heads x {D_HEAD}, float32, CPU", path)
 
 
 def main() -> None:

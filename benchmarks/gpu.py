@@ -147,25 +147,12 @@ def child(kind: str, impl: str, length: int, device: str) -> None:
 
 
 def plot(points: list[dict], kind: str, path: str) -> None:
-    from reformer.plotting import pyplot, save_figure
+    from reformer.plotting import time_and_memory
 
-    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
-    implementations = LAYER_IMPLEMENTATIONS if kind == "layer" else MODEL_IMPLEMENTATIONS
-    for impl in implementations:
-        rows = sorted((p["length"], p["seconds"], p["peak_mib"]) for p in points if p["implementation"] == impl)
-        if rows:
-            lengths, seconds, memory = zip(*rows, strict=True)
-            axes[0].loglog(lengths, seconds, "o-", label=impl, base=2)
-            axes[1].loglog(lengths, memory, "o-", label=impl, base=2)
-    axes[0].set_ylabel("seconds per step")
-    axes[1].set_ylabel("peak CUDA memory (MiB)")
-    for ax in axes:
-        ax.set_xlabel("sequence length (tokens)")
-        ax.grid(alpha=0.3, which="both")
-    axes[0].legend()
-    fig.suptitle(f"{'one LSH layer, forward + backward' if kind == 'layer' else '6-layer model, training step'}"
-                 f", bfloat16 autocast, {points[0]['device'] if points else ''}")
-    save_figure(fig, path)
+    what = "one LSH layer, forward + backward" if kind == "layer" else "6-layer model, training step"
+    time_and_memory(points, LAYER_IMPLEMENTATIONS if kind == "layer" else MODEL_IMPLEMENTATIONS, "peak_mib",
+                    "seconds per step", "peak CUDA memory (MiB)",
+                    f"{what}, bfloat16 autocast, {points[0]['device']}", path)
 
 
 def main() -> None:

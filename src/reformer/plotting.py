@@ -24,3 +24,24 @@ def save_figure(fig, path: Path) -> None:
     fig.savefig(tmp, dpi=100)
     pyplot().close(fig)
     os.replace(tmp, path)
+
+
+def time_and_memory(points: list[dict], implementations, memory_key: str, time_label: str, memory_label: str,
+                    title: str, path: Path) -> None:
+    """Two log-log panels against sequence length, one line per implementation: seconds, and the memory
+    of each point (``memory_key``). points: dicts with "implementation", "length", "seconds"."""
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
+    for impl in implementations:
+        rows = sorted((p["length"], p["seconds"], p[memory_key]) for p in points if p["implementation"] == impl)
+        if rows:
+            lengths, seconds, memory = zip(*rows, strict=True)
+            axes[0].loglog(lengths, seconds, "o-", label=impl, base=2)
+            axes[1].loglog(lengths, memory, "o-", label=impl, base=2)
+    axes[0].set_ylabel(time_label)
+    axes[1].set_ylabel(memory_label)
+    for ax in axes:
+        ax.set_xlabel("sequence length (tokens)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend()
+    fig.suptitle(title)
+    save_figure(fig, path)

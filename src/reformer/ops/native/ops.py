@@ -112,21 +112,25 @@ def _(d_out, h, w_qk, w_v, buckets, valid, out, total, any_other, scores, lses, 
     return h.new_empty(h.shape), w_qk.new_empty(w_qk.shape), w_v.new_empty(w_v.shape)
 
 
-def _save_lsh(ctx, inputs, output) -> None:
-    h, w_qk, w_v, _, _, buckets, valid, chunk, before, after, causal = inputs
-    ctx.save_for_backward(h, w_qk, w_v, buckets, valid, *output)
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.set_materialize_grads(False)   # no zero-filled gradients for the outputs backward only reads
-    ctx.geometry = (chunk, before, after, causal)
+def _differentiate(forward, backward, saved_inputs: tuple[int, ...]) -> None:
+    """Register ``backward`` as the gradient of ``forward``, whose inputs end in the band's geometry (chunk,
+    before, after, causal) and whose first output is the only one differentiated: backward(d_out, *the
+    inputs at ``saved_inputs``, *forward's outputs, *geometry) gives the gradients of its first inputs."""
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*(inputs[i] for i in saved_inputs), *output)
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)   # no zero-filled gradients for the outputs backward only reads
+        ctx.geometry, ctx.n_inputs = inputs[-4:], len(inputs)
+
+    def gradients(ctx, d_out, *_):
+        grads = () if d_out is None else tuple(backward(d_out, *ctx.saved_tensors, *ctx.geometry))
+        return grads + (None,) * (ctx.n_inputs - len(grads))
+
+    torch.library.register_autograd(forward, gradients, setup_context=setup_context)
 
 
-def _lsh_backward(ctx, d_out, *_):
-    if d_out is None:   # the output went unused
-        return (None,) * 11
-    return (*lsh_bucket_attention_backward(d_out, *ctx.saved_tensors, *ctx.geometry),) + (None,) * 8
-
-
-torch.library.register_autograd(lsh_bucket_attention, _lsh_backward, setup_context=_save_lsh)
+# h, w_qk, w_v differentiable; qk, v (forward's projections) not; h, w_qk, w_v, buckets, valid saved
+_differentiate(lsh_bucket_attention, lsh_bucket_attention_backward, (0, 1, 2, 5, 6))
 
 
 def _own_rows(t: torch.Tensor) -> torch.Tensor:
@@ -193,18 +197,4 @@ def _(d_out, out, lse, q_rows, k_padded, v_padded, chunk, before, after, causal)
     return q_rows.new_empty(shape), k_padded.new_empty(shape), v_padded.new_empty(out.shape)
 
 
-def _save_local(ctx, inputs, output) -> None:
-    *_, chunk, before, after, causal = inputs
-    ctx.save_for_backward(*output)
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.set_materialize_grads(False)   # no zero-filled gradients for the outputs backward only reads
-    ctx.geometry = (chunk, before, after, causal)
-
-
-def _local_backward(ctx, d_out, *_):
-    if d_out is None:   # the output went unused
-        return (None,) * 7
-    return (*local_attention_backward(d_out, *ctx.saved_tensors, *ctx.geometry), None, None, None, None)
-
-
-torch.library.register_autograd(local_attention, _local_backward, setup_context=_save_local)
+_differentiate(local_attention, local_attention_backward, ())   # gradients of q, k, v from forward's outputs

@@ -35,11 +35,14 @@ def time_and_memory(points: list[dict], implementations, memory_key: str, time_l
         rows = sorted((p["length"], p["seconds"], p[memory_key]) for p in points if p["implementation"] == impl)
         if rows:
             lengths, seconds, memory = zip(*rows, strict=True)
-            axes[0].loglog(lengths, seconds, "o-", label=impl, base=2)
-            axes[1].loglog(lengths, memory, "o-", label=impl, base=2)
+            axes[0].plot(lengths, seconds, "o-", label=impl)
+            axes[1].plot(lengths, memory, "o-", label=impl)
     axes[0].set_ylabel(time_label)
     axes[1].set_ylabel(memory_label)
-    for ax in axes:
+    for ax in axes:   # lengths in powers of two, seconds and MiB in decades with their numbers
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(pyplot().matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
         ax.set_xlabel("sequence length (tokens)")
         ax.grid(alpha=0.3, which="both")
     axes[0].legend()

@@ -61,9 +61,9 @@ class LSHSelfAttention(nn.Module):
         n_hashes = n_hashes or self.n_hashes
         length = x.shape[1]
         x, key_valid = pad_to_multiple(x, key_valid, self.band.chunk_length)
-        dropout = self.dropout if self.training else 0.0
-        core = backend.choose_core(self.backend, x, self.band, dropout, training=self.training)
         if self.band.rule == "bucket":
+            dropout = self.dropout if self.training else 0.0
+            core = backend.choose_core(self.backend, x, self.band, dropout, training=self.training)
             rotations = self.rotations(n_hashes, x.device)
             seed = dropout_seed() if dropout else 0
             out = backend.lsh_attention(x, self.qk.weight, self.v.weight, rotations, self.n_buckets, self.band,
@@ -113,15 +113,15 @@ class LocalSelfAttention(_SeparateQKV):
                 n_hashes: int | None = None) -> torch.Tensor:
         length = x.shape[1]
         x, key_valid = pad_to_multiple(x, key_valid, self.band.chunk_length)
-        dropout = self.dropout if self.training else 0.0
-        core = backend.choose_core(self.backend, x, self.band, dropout, key_padding=key_valid is not None,
-                                   training=self.training)
         q = split_heads(self.q(x), self.n_heads)
         k = split_heads(self.k(x), self.n_heads) / math.sqrt(self.d_head)
         v = split_heads(self.v(x), self.n_heads)
         if self.band.rule == "anchor-local":   # the anchors' wrap-around band, on the masked core
             out = local_banded_attention(q, k, v, self.band, key_valid, self.dropout, self.training)
         else:
+            dropout = self.dropout if self.training else 0.0
+            core = backend.choose_core(self.backend, x, self.band, dropout, key_padding=key_valid is not None,
+                                       training=self.training)
             out = backend.local_attention(q, k, v, self.band, key_valid, dropout,
                                           dropout_seed() if dropout else 0, core)
         return self.out(merge_heads(out))[:, :length]

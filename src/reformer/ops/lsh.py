@@ -46,13 +46,13 @@ def combine_rounds(out: torch.Tensor, lse: torch.Tensor, has_other: torch.Tensor
 def lsh_attention_all_rounds(qk: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor,
                              n_buckets: int | tuple[int, int], band: Band, key_valid: torch.Tensor | None,
                              dropout: float = 0.0, training: bool = False,
-                             hash_vectors: torch.Tensor | None = None) -> torch.Tensor:
+                             to_hash: torch.Tensor | None = None) -> torch.Tensor:
     """Shared-QK LSH attention, every round in one sorted sequence. qk, v: (batch, heads, length, d),
     length a multiple of the chunk; rotations (heads, d, rounds, width); key_valid (batch, length) or
-    None; hash_vectors: what to hash (hashing.hashing_vectors), qk by default. Returns (batch, heads,
+    None; to_hash: the vectors to hash (hashing.hashing_vectors), qk by default. Returns (batch, heads,
     length, d)."""
     batch, heads, length, _ = qk.shape
-    buckets = hash_with_padding(qk if hash_vectors is None else hash_vectors, rotations, n_buckets, key_valid)
+    buckets = hash_with_padding(qk if to_hash is None else to_hash, rotations, n_buckets, key_valid)
     order, positions, sorted_buckets = sort_by_bucket(buckets)
     out, lse, has_other = banded_attention(
         gather_items(qk, positions), gather_items(normalize_keys(qk), positions), gather_items(v, positions),

@@ -114,23 +114,23 @@ class RandomStates:
         return torch.stack(self.cpu), torch.stack(self.cuda), torch.stack(self.calls)
 
     @contextlib.contextmanager
-    def replay(self, lsh: list[LSHSelfAttention], cpu: torch.Tensor, cuda: torch.Tensor, calls: torch.Tensor):
+    def replay(self, cpu: torch.Tensor, cuda: torch.Tensor, calls: torch.Tensor):
         """Run a branch inside with the randomness one row recorded; afterwards everything is as before."""
         devices = [self.device] if self.device.type == "cuda" else []
-        current = [m.hash_calls.clone() for m in lsh]
+        current = [m.hash_calls.clone() for m in self.lsh]
         drew = cpu.numel() > 0   # forward recorded the states: the branch draws
         with torch.random.fork_rng(devices=devices, enabled=drew):
             if drew:
                 torch.set_rng_state(cpu)
                 if devices:
                     torch.cuda.set_rng_state(cuda, self.device)
-            for module, count in zip(lsh, calls, strict=True):
+            for module, count in zip(self.lsh, calls, strict=True):
                 if count >= 0:
                     module.hash_calls.fill_(count)
             try:
                 yield
             finally:
-                for module, count in zip(lsh, current, strict=True):
+                for module, count in zip(self.lsh, current, strict=True):
                     module.hash_calls.copy_(count)
 
 
@@ -196,7 +196,7 @@ def reversible_backward(dy1: torch.Tensor, dy2: torch.Tensor, y1: torch.Tensor, 
             pieces = list(zip(inputs.split(chunk_size, dim=1), grad_out.split(chunk_size, dim=1), strict=True))
         outs, input_grads = [], []
         # (set_rng_state reads a tensor of its own: a row of the stacked states is cloned)
-        with states.replay(states.lsh, cpu_states[row].clone(), cuda_states[row].clone(), hash_calls[row]):
+        with states.replay(cpu_states[row].clone(), cuda_states[row].clone(), hash_calls[row]):
             for piece, piece_grad in pieces:
                 with torch.enable_grad(), _autocast(y1.device, autocast, autocast_dtype):
                     piece = piece.detach().requires_grad_(True)

@@ -24,7 +24,7 @@ from .bands import Band
 from .bucket_attention import EagerLSH, keep_rounds, project_pairs, split_pairs
 from .hashing import hash_with_padding, hashing_vectors, with_padding
 from .intervals import interval_attention, local_spans
-from .layout import merge_heads
+from .layout import merge_heads, split_heads
 from .native import build
 from .native import ops as native_ops
 
@@ -127,7 +127,7 @@ def lsh_attention(h: torch.Tensor, w_qk: torch.Tensor, w_v: torch.Tensor, rotati
     """
     heads = rotations.shape[0]
     if core == "flex":
-        qk, v = (torch.nn.functional.linear(h, w).view(*h.shape[:2], heads, -1).transpose(1, 2) for w in (w_qk, w_v))
+        qk, v = (split_heads(torch.nn.functional.linear(h, w), heads) for w in (w_qk, w_v))
         buckets = hash_with_padding(hashing_vectors(qk, h, w_qk), rotations, n_buckets, key_valid)
         return merge_heads(flex.lsh_attention(qk, v, buckets, band, key_valid))
     # The projections for hashing and forward's rounds (not stored: backward projects again).

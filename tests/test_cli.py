@@ -13,6 +13,19 @@ def cli(*args, text=True):
     return subprocess.run([sys.executable, "-m", "reformer", *map(str, args)], capture_output=True, text=text)
 
 
+def in_process(args, capsys):
+    """The command run in this process (no interpreter start-up): returncode, stdout, stderr."""
+    from reformer.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exit:
+        code = exit.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     import argparse
@@ -69,13 +82,33 @@ def test_existing_run_dir_is_not_overwritten_silently(trained_run, text_file):
     (["eval", "/no/such/run"], "not a run folder"),
     (["convert", "--out", "x"], "exactly one"),
     (["train", "--steps", "-3"], "steps"),
+    (["train", "--seed", str(2**64)], "--seed"),
+    (["train", "--lr", "inf"], "--lr"),
+    (["train", "--clip", "nan"], "--clip"),
+    (["train", "--weight-decay", "inf"], "--weight-decay"),
+    (["train", "--device", "tpu"], "device"),
+    (["generate", "RUN", "--max-new-tokens", "-5"], "--max-new-tokens"),
+    (["generate", "RUN", "--temperature", "nan"], "--temperature"),
+    (["generate", "RUN", "--top-p", "1.5"], "--top-p"),
+    (["generate", "RUN", "--seed", str(2**64)], "--seed"),
+    (["eval", "RUN", "--seq-len", "1"], "--seq-len"),
+    (["eval", "RUN", "--seq-len", "0"], "--seq-len"),
+    (["eval", "RUN", "--seq-len", "-5"], "--seq-len"),
+    (["eval", "RUN", "--batches", "0"], "--batches"),
+    (["eval", "RUN", "--batches", "-1"], "--batches"),
+    (["eval", "RUN", "--batch-size", "0"], "--batch-size"),
+    (["train", "--resume", "RUN", "--lr", "0.5"], "may change only"),
+    (["train", "--resume", "RUN", "--d-model", "64"], "only --steps"),
+    (["train", "--resume", "RUN", "--steps", "2"], "below the 6 steps"),
+    (["train", "--preset", "duplication"], "does not cover"),
 ])
-def test_bad_arguments_exit_2_with_one_clear_line(args, message, tmp_path):
+def test_bad_arguments_exit_2_with_one_clear_line(args, message, tmp_path, trained_run, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"")
-    args = [str(empty) if a == "EMPTY" else a for a in args]
-    result = cli(*args, "--run-dir", tmp_path / "run") if args[0] == "train" and "--resume" not in args \
-        else cli(*args)
+    args = [str(empty) if a == "EMPTY" else str(trained_run) if a == "RUN" else a for a in args]
+    if args[0] == "train" and "--resume" not in args:
+        args += ["--run-dir", str(tmp_path / "run")]
+    result = in_process(args, capsys)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -136,3 +169,63 @@ def test_convert_from_hf_then_generate_and_back(tmp_path):
     original = transformers.ReformerModelWithLMHead.from_pretrained(tmp_path / "hf")
     for (name, a), (_, b) in zip(original.state_dict().items(), reloaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_version():
+    from reformer import __version__
+
+    result = cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"reformer {__version__}"
+
+
+def test_a_non_utf8_prompt_is_taken_as_its_bytes(trained_run):
+    prompt = b"caf\xe9 "
+    out = subprocess.run([sys.executable.encode(), b"-m", b"reformer", b"generate", bytes(trained_run), b"--prompt",
+                          prompt, b"--max-new-tokens", b"3", b"--stop", b"\xff"], capture_output=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(prompt)
+
+
+def test_print_config_resolves_the_preset_and_config_file_trains_it(tmp_path, text_file):
+    result = cli("train", "--preset", "tiny", "--n-layers", 3, "--print-config")
+    assert result.returncode == 0, result.stderr
+    resolved = json.loads(result.stdout)
+    assert resolved["model"]["n_layers"] == 3 and resolved["train"]["seq_len"] == 128   # tiny's own default
+    small = json.loads(cli("train", "--n-layers", 6, "--print-config").stdout)
+    assert small["model"]["attn_layers"] == ["local", "lsh"] * 3      # the preset's pattern, repeated
+    config = tmp_path / "config.json"
+    resolved["train"].update(steps=2, data=str(text_file))
+    config.write_text(json.dumps(resolved))
+    run = tmp_path / "run"
+    trained = cli("train", "--preset", "tiny", "--config", config, "--run-dir", run, "--quiet")
+    assert trained.returncode == 0, trained.stderr
+    assert json.loads((run / "config.json").read_text())["n_layers"] == 3
+    assert json.loads((run / "train.json").read_text())["steps"] == 2
+
+
+def test_a_preset_trains_with_no_other_flag(tmp_path):
+    """The tiny preset brings its seq_len (its model takes 256, the default 512 failed before)."""
+    result = cli("train", "--preset", "tiny", "--steps", 2, "--run-dir", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_run_says_what_it_does_off_a_terminal(trained_run, tmp_path, text_file):
+    """A start-up summary, then plain lines (stderr is not a terminal here), then the final JSON line."""
+    result = cli("train", "--data", text_file, "--run-dir", tmp_path / "run", "--preset", "tiny", "--steps", 3,
+                 "--seq-len", 64, "--eval-every", 3)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    for start in ("run ", "data ", "model ", "training ", "device "):
+        assert any(line.startswith(start) for line in lines), start
+    assert "attention core native" in result.stderr or "attention core eager" in result.stderr
+    assert "step 3/3: valid" in result.stderr and "\r" not in result.stderr
+    assert json.loads(result.stdout)["step"] == 3
+
+
+def test_eval_prints_what_training_logged_last(trained_run):
+    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["valid_bpb"] for r in records if "valid_bpb" in r][-1]
+    result = cli("eval", trained_run)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["bpb"] == round(logged, 5)

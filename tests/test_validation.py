@@ -35,6 +35,15 @@ BAD_CONFIGS = [
     (dict(causal="yes"), ValueError, "causal"),
     (dict(hash_seed=-1), ValueError, "hash_seed"),
     (dict(max_seq_len=0), ValueError, "max_seq_len"),
+    (dict(layer_norm_eps=float("inf")), ValueError, "layer_norm_eps"),
+    (dict(init_std=float("inf")), ValueError, "init_std"),
+    (dict(init_std=float("nan")), ValueError, "init_std"),
+    (dict(hash_seed=2**64), ValueError, "hash_seed"),
+    # Tables no machine allocates are refused here, not attempted (a 35 TB allocation before).
+    (dict(max_seq_len=2**40, position_embedding="learned"), ValueError, "max_seq_len"),
+    (dict(max_seq_len=2**30, position_embedding="learned"), ValueError, "max_seq_len"),
+    (dict(n_buckets=2**30), ValueError, "n_buckets"),
+    (dict(vocab_size=2**40), ValueError, "vocab_size"),
 ]
 
 
@@ -84,6 +93,7 @@ BAD_INPUTS = [
     (lambda: torch.ones(2, 5, dtype=torch.long), torch.ones(2, 4), ValueError, "attention_mask must have"),
     (lambda: torch.ones(2, 5, dtype=torch.long), torch.full((2, 5), 2), ValueError, "only 0 and 1"),
     (lambda: torch.ones(2, 5, dtype=torch.long), [[1] * 5] * 2, TypeError, "attention_mask must be"),
+    (lambda: torch.full((1, 5), 200, dtype=torch.uint8), None, ValueError, "vocab_size"),
 ]
 
 
@@ -106,3 +116,61 @@ def test_model_needs_a_config():
 def test_next_token_loss_needs_two_tokens(model):
     with pytest.raises(ValueError, match="at least 2 tokens"):
         model.loss(torch.ones(1, 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_any_integer_ids_equal_long_ids(model, dtype):
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids.to(dtype)), model(ids), rtol=0, atol=0)
+
+
+def test_input_checks_never_read_the_values_of_meta_tensors(model):
+    """Meta tensors (shape tracing) have no values: the checks skip what would read them."""
+    ids = torch.ones(2, 16, dtype=torch.long, device="meta")
+    mask = model.check_inputs(ids, torch.ones(2, 16, device="meta"))
+    assert mask.dtype == torch.bool and mask.device.type == "meta"
+
+
+@pytest.mark.parametrize("labels,error,message", [
+    (torch.rand(1, 6), TypeError, "labels must be an integer"),
+    (torch.full((1, 6), 64), ValueError, "labels must lie in"),
+    (torch.full((1, 6), -5), ValueError, "labels must lie in"),
+    (torch.ones(1, 5, dtype=torch.long), ValueError, "labels must be a tensor of the shape"),
+])
+def test_bad_labels(model, labels, error, message):
+    with pytest.raises(error, match=message):
+        model.loss(torch.ones(1, 6, dtype=torch.long), labels=labels)
+
+
+def test_a_loss_without_targets_is_an_error_not_nan(model):
+    """An all-zero attention_mask (or only ignored labels) leaves no target: 0 / 0 would be NaN."""
+    ids = torch.ones(2, 6, dtype=torch.long)
+    with pytest.raises(ValueError, match="no target"):
+        model.loss(ids, attention_mask=torch.zeros(2, 6))
+    with pytest.raises(ValueError, match="no target"):
+        model.loss(ids, labels=torch.full((2, 6), -100))
+    assert torch.isfinite(model.loss(ids, attention_mask=torch.tensor([[1, 1, 0, 0, 0, 0]] * 2)))
+
+
+def _layers():
+    from reformer import FullSelfAttention, LocalSelfAttention, LSHSelfAttention
+
+    config = tiny()
+    return [cls(config) for cls in (LSHSelfAttention, LocalSelfAttention, FullSelfAttention)]
+
+
+@pytest.mark.parametrize("layer", _layers(), ids=lambda layer: type(layer).__name__)
+@pytest.mark.parametrize("x,key_valid,message", [
+    (lambda: torch.randn(2, 16, 31), None, r"shape \(batch, length, d_model=32\)"),
+    (lambda: torch.randn(16, 32), None, r"shape \(batch, length, d_model=32\)"),
+    (lambda: torch.randn(2, 0, 32), None, "at least one position"),
+    (lambda: torch.ones(2, 16, 32, dtype=torch.long), None, "floating-point"),
+    (lambda: torch.randn(2, 16, 32, dtype=torch.float64), None, "weights are torch.float32"),
+    (lambda: torch.randn(2, 16, 32), torch.ones(2, 16), "key_valid must be a bool tensor"),
+    (lambda: torch.randn(2, 16, 32), torch.ones(2, 15, dtype=torch.bool), r"key_valid must have shape"),
+    (lambda: torch.randn(2, 16, 32), torch.ones(16, dtype=torch.bool), r"key_valid must have shape"),
+])
+def test_layers_check_their_inputs(layer, x, key_valid, message):
+    with pytest.raises(ValueError, match=message):
+        layer(x(), key_valid)

@@ -9,16 +9,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
+import math
+import os
 import sys
 from pathlib import Path
 
-from .config import ATTENTION_KINDS, LSH_WINDOWS, PRESETS, ReformerConfig
+from .config import ATTENTION_KINDS, LSH_WINDOWS, PRESET_FIELDS, PRESETS, ReformerConfig
+from .files import FolderInUse
 from .ops import memory
 from .ops.backend import ATTENTION_BACKENDS
 from .training.checkpoint import CheckpointError, is_run_dir
 from .training.data import DataError
-from .training.loop import TrainConfig
+from .training.loop import RESUMABLE, TrainConfig
+from .version import __version__
 
 DEFAULT_RUN_DIR = "runs/default"
 
@@ -45,32 +48,73 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def at_least(minimum: int):
+    """An argparse type: an int >= ``minimum`` (and below 2^63, what torch's integers hold)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if not minimum <= value < 2**63:
+            raise argparse.ArgumentTypeError(f"must be an int in [{minimum}, 2^63), got {value}")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
+def finite(minimum: float | None = None, maximum: float | None = None):
+    """An argparse type: a finite float in [minimum, maximum]."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+        if not math.isfinite(value) or (minimum is not None and value < minimum) or \
+                (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"must be a finite number in [{minimum}, {maximum}], got {text}")
+        return value
+    parse.__name__ = "float"
+    return parse
+
+
+def _add_device(p) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N; auto: CUDA where there is one")
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a byte-level Reformer LM (default: small model on stdlib)",
                        formatter_class=DefaultsOnce,
                        description="Train a byte-level Reformer language model. With no arguments: the "
                        "'small' preset on the Python standard library's source, a few minutes on 2 cores. "
-                       "Under torchrun (torchrun --nproc_per_node N -m reformer train ...) it trains with "
-                       "DistributedDataParallel; --batch-size is the global batch.")
+                       "A preset brings its model and its training defaults; flags override them. Under "
+                       "torchrun (torchrun --nproc_per_node N -m reformer train ...) it trains with "
+                       "DistributedDataParallel; --batch-size is the global batch. Ctrl-C stops after the "
+                       "current step with a checkpoint (exit status 130); --resume continues.")
     p.add_argument("--run-dir", default=None, help=f"output folder (default: {DEFAULT_RUN_DIR})")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
-                   "(--steps may extend it)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint; "
+                   f"only {', '.join('--' + n.replace('_', '-') for n in RESUMABLE)} may change")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --run-dir")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    # Every TrainConfig field is a flag; None (not given) leaves the field's default.
-    training = p.add_argument_group("training (TrainConfig)")
+    p.add_argument("--config", metavar="FILE", help="a JSON file of {\"model\": {...}, \"train\": {...}} (as "
+                   "--print-config writes it); flags override it")
+    p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors and the final line")
+    _add_device(p)
+    # Every TrainConfig field is a flag; None (not given) leaves the preset's (or the field's) default.
+    training = p.add_argument_group("training (TrainConfig; defaults of the 'small' preset)")
     for f in dataclasses.fields(TrainConfig):
         flag, help_text = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (default: {f.default})"
         if f.type in ("bool", bool):
             training.add_argument(flag, action="store_true", default=None, help=help_text)
         else:
-            kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            kind = {"int": at_least(-2**63), "float": finite()}.get(
+                f.type if isinstance(f.type, str) else f.type.__name__, str)
             training.add_argument(flag, type=kind, default=None, choices=f.metadata["choices"], help=help_text)
     model = p.add_argument_group("model (ReformerConfig: a preset, and fields that override it)")
-    model.add_argument("--preset", default="small", choices=PRESETS, help="model preset (default: small)")
+    model.add_argument("--preset", default="small", choices=PRESETS, help="model preset and its training defaults")
     model.add_argument("--attn", help=f"attention of every layer ({', '.join(ATTENTION_KINDS)}) or a "
-                       "comma-separated list, one per layer")
-    for flag, kind, help_text in (("--n-layers", int, "number of layers"), ("--d-model", int, "model width"),
+                       "comma-separated list, one per layer (default: the preset's)")
+    for flag, kind, help_text in (("--n-layers", int, "number of layers (the preset's attention pattern repeats)"),
+                                  ("--d-model", int, "model width"),
                                   ("--n-hashes", int, "LSH hashing rounds"),
                                   ("--chunk-length", int, "LSH chunk length"),
                                   ("--dropout", float, "dropout probability"),
@@ -82,44 +126,86 @@ def _add_train(sub) -> None:
     model.add_argument("--no-reversible", action="store_true", help="plain residual layers (more memory)")
 
 
-def _model_config(args) -> ReformerConfig:
+MODEL_FLAGS = ("attn", "n_layers", "d_model", "n_hashes", "chunk_length", "lsh_window", "dropout", "max_seq_len",
+               "attention_backend")
+
+
+def _model_overrides(args) -> dict:
     overrides = {}
     if args.attn:
         layers = args.attn.split(",")
         overrides["attn_layers"] = layers[0] if len(layers) == 1 else tuple(layers)
         if len(layers) > 1 and args.n_layers is None:
             overrides["n_layers"] = len(layers)
-    for name in ("n_layers", "d_model", "n_hashes", "chunk_length", "lsh_window", "dropout", "max_seq_len",
-                 "attention_backend"):
+    for name in MODEL_FLAGS[1:]:
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.no_reversible:
         overrides["reversible"] = False
-    return ReformerConfig.preset(args.preset, **overrides)
+    return overrides
+
+
+def _model_config(args, base: dict) -> ReformerConfig:
+    """The preset (or --config's model) with the flags applied; --n-layers alone repeats its attention pattern."""
+    fields = {**PRESET_FIELDS[args.preset], **base, **_model_overrides(args)}
+    if args.n_layers is not None and not args.attn:
+        pattern = fields.get("attn_layers", "lsh")
+        if not isinstance(pattern, str):
+            fields["attn_layers"] = tuple(pattern[i % len(pattern)] for i in range(args.n_layers))
+    return ReformerConfig(**fields)
+
+
+def _read_config_file(path: str) -> tuple[dict, dict]:
+    from .weights import read_json
+
+    data = read_json(path, UsageError)
+    unknown = sorted(set(data) - {"model", "train"})
+    if unknown or not all(isinstance(data.get(k, {}), dict) for k in ("model", "train")):
+        raise UsageError(f"{path} must hold {{\"model\": {{...}}, \"train\": {{...}}}}, got keys {sorted(data)}")
+    return data.get("model", {}), data.get("train", {})
+
+
+def _given_training(args) -> dict:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+            if getattr(args, f.name) is not None}
 
 
 def cmd_train(args) -> int:
-    from .training.loop import train
+    from .training.loop import Diverged, Interrupted, preset_training, train
 
-    if args.resume:
-        if not is_run_dir(Path(args.resume)):
-            raise UsageError(f"{args.resume} is not a run folder (no config.json in it)")
-        records = train(args.resume, resume=True, progress=not args.quiet, steps=args.steps)
-        run_dir = Path(args.resume)
-    else:
-        run_dir = Path(args.run_dir or DEFAULT_RUN_DIR)
-        if run_dir.exists() and any(run_dir.iterdir()):
-            if not args.overwrite:
-                raise UsageError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue it, "
-                                 "--overwrite to replace it, or another --run-dir")
-            shutil.rmtree(run_dir)
-        try:
-            model_config = _model_config(args)
-            given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-            train_config = TrainConfig(**{name: value for name, value in given.items() if value is not None})
-        except (ValueError, TypeError) as error:
-            raise UsageError(str(error)) from error
-        records = train(run_dir, model_config, train_config, progress=not args.quiet)
+    progress = "quiet" if args.quiet else "auto"
+    try:
+        if args.resume:
+            given_model = [name for name in MODEL_FLAGS if getattr(args, name) is not None]
+            if given_model or args.no_reversible or args.config or args.overwrite or args.run_dir:
+                raise UsageError("a resume continues the run as it was: only "
+                                 f"{', '.join('--' + n.replace('_', '-') for n in RESUMABLE)} may be given with "
+                                 "--resume")
+            if not is_run_dir(Path(args.resume)):
+                raise UsageError(f"{args.resume} is not a run folder (no config.json in it)")
+            run_dir = Path(args.resume)
+            records = train(run_dir, resume=True, progress=progress, changes=_given_training(args),
+                            device=args.device)
+        else:
+            run_dir = Path(args.run_dir or DEFAULT_RUN_DIR)
+            model_base, train_base = _read_config_file(args.config) if args.config else ({}, {})
+            try:
+                model_config = _model_config(args, model_base)
+                train_config = preset_training(args.preset, **{**train_base, **_given_training(args)})
+            except (ValueError, TypeError) as error:
+                raise UsageError(str(error)) from error
+            if args.print_config:
+                print(json.dumps({"model": model_config.to_dict(), "train": dataclasses.asdict(train_config)},
+                                 indent=2))
+                return 0
+            records = train(run_dir, model_config, train_config, progress=progress, overwrite=args.overwrite,
+                            device=args.device)
+    except Interrupted as stop:
+        print(stop, file=sys.stderr)
+        return 130
+    except Diverged as stop:
+        print(f"reformer train: {stop}", file=sys.stderr)
+        return 1
     valid = [r for r in records if "valid_bpb" in r]
     if valid:
         print(json.dumps({"run_dir": str(run_dir), "step": valid[-1]["step"],
@@ -128,32 +214,38 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .training.checkpoint import load_model, read_json
+    from .training.checkpoint import load_model, read_run_json
     from .training.data import Corpus
-    from .training.loop import evaluate
+    from .training.loop import evaluate, resolve_device
 
-    model = load_model(args.run_dir)
-    train_json = read_json(Path(args.run_dir) / "train.json") if (Path(args.run_dir) / "train.json").is_file() \
-        else {}
+    model = load_model(args.run_dir, resolve_device(args.device))
+    train_json = read_run_json(Path(args.run_dir) / "train.json") \
+        if (Path(args.run_dir) / "train.json").is_file() else {}
     data = args.data or train_json.get("data")
     if data is None:
         raise UsageError("this run folder records no data source: pass --data")
     seq_len = args.seq_len or train_json.get("seq_len", min(1024, model.config.max_seq_len))
     if seq_len > model.config.max_seq_len:
         raise UsageError(f"--seq-len {seq_len} exceeds the model's max_seq_len ({model.config.max_seq_len})")
+    # By default the windows training validated on: its number is the one training logged last.
+    batch_size = args.batch_size or train_json.get("eval_batch_size", 8)
+    batches = args.batches or train_json.get("eval_batches", 8)
     corpus = Corpus.open(data, train_json.get("glob", "**/*"))
-    result = evaluate(model, corpus, args.split, seq_len, args.batch_size, args.batches,
+    result = evaluate(model, corpus, args.split, seq_len, batch_size, batches,
                       next(model.parameters()).device, n_hashes=args.n_hashes)
-    print(json.dumps({"split": args.split, "seq_len": seq_len, **{k: round(v, 5) for k, v in result.items()}}))
+    print(json.dumps({"split": args.split, "seq_len": seq_len, "windows": result["windows"],
+                      **{k: round(v, 5) for k, v in result.items() if k != "windows"}}))
     return 0
 
 
 def cmd_generate(args) -> int:
     from .generate import generate
     from .training.checkpoint import load_model
+    from .training.loop import resolve_device
 
-    model = load_model(args.run_dir)
-    prompt = args.prompt.encode("utf-8")
+    model = load_model(args.run_dir, resolve_device(args.device))
+    # The bytes as given on the command line (os.fsencode undoes the decoding: any bytes, UTF-8 or not).
+    prompt, stop = os.fsencode(args.prompt), os.fsencode(args.stop)
     if model.config.vocab_size < 256:
         raise UsageError(f"this model's vocabulary ({model.config.vocab_size}) does not cover bytes")
     if len(prompt) >= model.config.max_seq_len:
@@ -167,17 +259,15 @@ def cmd_generate(args) -> int:
         out.flush()
 
     generate(model, list(prompt), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-             top_p=args.top_p, seed=args.seed, stop=args.stop.encode("utf-8") if args.stop else b"",
-             use_cache=not args.no_cache, on_token=emit)
+             top_p=args.top_p, seed=args.seed, stop=stop, use_cache=not args.no_cache, on_token=emit)
     out.write(b"\n")
     out.flush()
     return 0
 
 
 def cmd_convert(args) -> int:
-    from .files import write_atomically
     from .interop import hf
-    from .training.checkpoint import load_model, save_weights
+    from .training.checkpoint import load_model
 
     if bool(args.from_hf) == bool(args.to_hf):
         raise UsageError("give exactly one of --from-hf FOLDER or --to-hf RUN_DIR")
@@ -185,9 +275,7 @@ def cmd_convert(args) -> int:
     if args.from_hf:
         if not Path(args.from_hf).is_dir():
             raise UsageError(f"{args.from_hf} is not a folder")
-        model = hf.load_hf(args.from_hf)
-        write_atomically(out / "config.json", model.config.to_json())
-        save_weights(model, out / "model.safetensors")
+        hf.load_hf(args.from_hf).save_pretrained(out)
     else:
         hf.save_hf(load_model(args.to_hf), out)
     print(json.dumps({"written": str(out)}))
@@ -208,6 +296,7 @@ def cmd_experiment(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="reformer", description="Reformer: LSH attention and reversible "
                                      "layers for very long sequences.")
+    parser.add_argument("--version", action="version", version=f"reformer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
 
@@ -217,23 +306,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run folder written by 'reformer train'")
     p.add_argument("--data", help="corpus (default: the one the run trained on)")
     p.add_argument("--split", default="valid", choices=("train", "valid", "test"), help="which split")
-    p.add_argument("--seq-len", type=int, help="window length (default: the training length)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per batch")
-    p.add_argument("--batches", type=int, default=16, help="batches to evaluate")
-    p.add_argument("--n-hashes", type=int, help="hashing rounds at evaluation (default: the model's)")
+    p.add_argument("--seq-len", type=at_least(2), help="window length (default: the training length)")
+    p.add_argument("--batch-size", type=at_least(1), help="windows per batch (default: training's validation)")
+    p.add_argument("--batches", type=at_least(1), help="batches to evaluate (default: training's validation)")
+    p.add_argument("--n-hashes", type=at_least(1), help="hashing rounds at evaluation (default: the model's)")
+    _add_device(p)
 
     p = sub.add_parser("generate", help="sample text from a trained run", formatter_class=DefaultsOnce,
                        description="Continue --prompt with bytes sampled from a run's latest weights, streamed "
                        "to standard output (cached decoding where the model allows it).")
     p.add_argument("run_dir", help="a run folder written by 'reformer train' or 'reformer convert'")
     p.add_argument("--prompt", default="def ", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=300, help="bytes to generate at most")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely bytes")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=300, help="bytes to generate at most")
+    p.add_argument("--temperature", type=finite(0.0), default=0.8, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-k", type=at_least(1), default=None, help="sample among the k most likely bytes")
+    p.add_argument("--top-p", type=finite(0.0, 1.0), default=None, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--seed", type=at_least(0), default=0, help="sampling seed")
     p.add_argument("--stop", default="", help="stop after any of these characters")
     p.add_argument("--no-cache", action="store_true", help="recompute the full forward for every byte")
+    _add_device(p)
 
     p = sub.add_parser("convert", help="import or export HuggingFace transformers Reformer checkpoints",
                        formatter_class=DefaultsOnce,
@@ -253,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=sorted(EXPERIMENTS), help="which experiment")
     p.add_argument("--quick", action="store_true", help="a small, fast version (a smoke test, not a result)")
     p.add_argument("--out", help="output folder (default: see above)")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights, data and hashing")
+    p.add_argument("--seed", type=at_least(0), default=0, help="seed of weights, data and hashing")
     return parser
 
 
@@ -268,11 +359,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (UsageError, DataError, CheckpointError) as error:
+    except (UsageError, DataError, CheckpointError, FolderInUse) as error:
         parser.exit(2, f"reformer {args.command}: error: {error}\n")
     except ValueError as error:
         # Raised by config and argument validation (they name the field); bugs raise other types.
         parser.exit(2, f"reformer {args.command}: error: {error}\n")
+    except OSError as error:   # the machine's refusal (a full disk, no permission): one line, not a traceback
+        parser.exit(1, f"reformer {args.command}: error: {error}\n")
     return 0
 
 

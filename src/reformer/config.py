@@ -15,12 +15,15 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .ops.backend import ATTENTION_BACKENDS, check_backend
-from .ops.hashing import SEED_LIMIT
+from .ops.hashing import SEED_LIMIT, rotation_width
 
 ATTENTION_KINDS = ("lsh", "local", "full")
 LSH_WINDOWS = ("bucket", "chunk")
 POSITION_EMBEDDINGS = ("axial", "learned", "none")
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
+MAX_LENGTH = 2**31       # positions and buckets: int32-sized (far beyond what fits in memory anyway)
+MAX_BUCKETS = 2**24      # per round; the sort counts them per sequence
+MAX_TABLE = 2**34        # elements of one weight table (64 GiB in float32)
 
 
 PRESET_FIELDS: dict[str, dict[str, Any]] = {
@@ -174,8 +177,8 @@ class ReformerConfig:
             _check_probability(name, getattr(self, name))
         for name in ("layer_norm_eps", "init_std", "axial_init_std"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise _fail(name, "a positive float", value)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise _fail(name, "a positive finite float", value)
         for name in ("causal", "reversible"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail(name, "True or False", getattr(self, name))
@@ -199,6 +202,7 @@ class ReformerConfig:
         self.local_n_chunks_after = self._resolve_chunks_after(
             "local_n_chunks_after", self.local_n_chunks_after, self.local_n_chunks_before)
         self._resolve_axial()
+        self._check_table_sizes()
         self._check_backend()
 
     # -- derived fields -------------------------------------------------------------------------------
@@ -259,6 +263,25 @@ class ReformerConfig:
         self.axial_dims = tuple(self.axial_dims)
         if self.position_embedding == "axial" and sum(self.axial_dims) != self.d_model:
             raise _fail("axial_dims", f"widths summing to d_model ({self.d_model})", self.axial_dims)
+
+    def _check_table_sizes(self) -> None:
+        """Refuse, up front, sizes whose tables no machine allocates (instead of a failed allocation later).
+        max_seq_len is checked first: the derived bucket count grows with it, and it is what was set."""
+        if self.max_seq_len > MAX_LENGTH:
+            raise _fail("max_seq_len", f"at most 2^{int(math.log2(MAX_LENGTH))}", self.max_seq_len)
+        tables = {"max_seq_len": self.max_seq_len * self.d_model if self.position_embedding == "learned" else 0,
+                  "vocab_size": self.vocab_size * self.d_model, "d_ff": self.d_ff * self.d_model,
+                  "n_heads": self.n_heads * self.d_head * self.d_model,
+                  "n_buckets": self.n_heads * self.d_head * self.n_hashes * rotation_width(self.n_buckets)}
+        if self.position_embedding == "axial":
+            tables["axial_shape"] = max(n * d for n, d in zip(self.axial_shape, self.axial_dims, strict=True))
+        for name, elements in tables.items():
+            if elements > MAX_TABLE:
+                raise _fail(name, f"a size whose weight table holds at most 2^{int(math.log2(MAX_TABLE))} "
+                            f"elements (this one: {elements})", getattr(self, name))
+        buckets = math.prod(self.n_buckets) if isinstance(self.n_buckets, tuple) else self.n_buckets
+        if buckets > MAX_BUCKETS:
+            raise _fail("n_buckets", f"at most 2^{int(math.log2(MAX_BUCKETS))} buckets per round", self.n_buckets)
 
     def _check_backend(self) -> None:
         if not isinstance(self.attention_backend, str) or self.attention_backend not in ATTENTION_BACKENDS:

@@ -30,3 +30,46 @@ def write_atomically(path: Path, data: bytes | str | Iterable[bytes]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class FolderInUse(RuntimeError):
+    """Another process holds the folder's lock; the message says which."""
+
+
+class FolderLock:
+    """An exclusive lock on a folder for as long as it is held: ``flock`` on ``folder/.lock``, released by
+    the kernel when the holder exits, however it exits (so a killed writer never leaves it stale).
+
+    with FolderLock(run_dir): ...    raises FolderInUse at once when another process holds it.
+    """
+
+    def __init__(self, folder: Path, what: str = "training"):
+        self.path, self.what, self._fd = Path(folder) / ".lock", what, None
+
+    def acquire(self) -> "FolderLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise FolderInUse(f"{self.path.parent} is in use: {holder} holds it; wait for it to finish or "
+                              "stop it first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{self.what} process {os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)   # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -21,6 +21,35 @@ from ..ops.hashing import hashing_vectors, lsh_rotations, rotation_width
 from ..ops.layout import merge_heads, pad_to_multiple, split_heads
 
 
+def check_layer_inputs(layer: nn.Module, x: torch.Tensor, key_valid: torch.Tensor | None,
+                       n_hashes: int | None = None) -> None:
+    """ValueError (TypeError for a non-tensor) naming the argument, before a bad input reaches the cores:
+    x (batch, length, d_model) floating point, key_valid (batch, length) bool or None."""
+    name = type(layer).__name__
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
+    width = layer.qk.in_features if hasattr(layer, "qk") else layer.q.in_features
+    if x.dim() != 3 or x.shape[-1] != width:
+        raise ValueError(f"{name}: x must have shape (batch, length, d_model={width}), got {tuple(x.shape)}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name}: x must hold at least one position, got shape {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"{name}: x must be a floating-point tensor, got {x.dtype}")
+    weight = layer.out.weight
+    if x.device != weight.device or (x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type)):
+        raise ValueError(f"{name}: x is {x.dtype} on {x.device} but the layer's weights are {weight.dtype} on "
+                         f"{weight.device}")
+    if key_valid is not None:
+        if not isinstance(key_valid, torch.Tensor) or key_valid.dtype != torch.bool:
+            raise ValueError(f"{name}: key_valid must be a bool tensor (True for real positions), got "
+                             f"{getattr(key_valid, 'dtype', type(key_valid).__name__)}")
+        if key_valid.shape != x.shape[:2] or key_valid.device != x.device:
+            raise ValueError(f"{name}: key_valid must have shape (batch, length) = {tuple(x.shape[:2])} on "
+                             f"{x.device}, got {tuple(key_valid.shape)} on {key_valid.device}")
+    if n_hashes is not None and (isinstance(n_hashes, bool) or not isinstance(n_hashes, int) or n_hashes < 1):
+        raise ValueError(f"{name}: n_hashes must be a positive int or None, got {n_hashes!r}")
+
+
 class LSHSelfAttention(nn.Module):
     """Shared query-key attention restricted to items that hash alike.
 
@@ -58,6 +87,7 @@ class LSHSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None,
                 n_hashes: int | None = None) -> torch.Tensor:
+        check_layer_inputs(self, x, key_valid, n_hashes)
         n_hashes = n_hashes or self.n_hashes
         length = x.shape[1]
         x, key_valid = pad_to_multiple(x, key_valid, self.band.chunk_length)
@@ -111,6 +141,7 @@ class LocalSelfAttention(_SeparateQKV):
 
     def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None,
                 n_hashes: int | None = None) -> torch.Tensor:
+        check_layer_inputs(self, x, key_valid)
         length = x.shape[1]
         x, key_valid = pad_to_multiple(x, key_valid, self.band.chunk_length)
         q = split_heads(self.q(x), self.n_heads)
@@ -140,6 +171,7 @@ class FullSelfAttention(_SeparateQKV):
 
     def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None,
                 n_hashes: int | None = None) -> torch.Tensor:
+        check_layer_inputs(self, x, key_valid)
         q, k, v = (split_heads(proj(x), self.n_heads) for proj in (self.q, self.k, self.v))
         dropout = self.dropout if self.training else 0.0
         if key_valid is None:

@@ -66,7 +66,9 @@ class AxialPositionEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         """positions (...,) int64 -> (..., sum(dims))."""
         index = (positions[..., None] // self.strides) % self.sizes
-        return torch.cat([w[index[..., i]] for i, w in enumerate(self.weights)], dim=-1)
+        # F.embedding, not w[index]: the backward of advanced indexing accumulates repeated rows in an order
+        # that varies with the threads' timing on the CPU; embedding's backward sums each row in one order.
+        return torch.cat([F.embedding(index[..., i], w) for i, w in enumerate(self.weights)], dim=-1)
 
 
 class LearnedPositionEmbedding(nn.Module):

@@ -9,10 +9,14 @@ masked-LM head.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import weights
 from ..config import ReformerConfig
 from .layers import position_embedding
 from .reversible import ReversibleStack
@@ -30,6 +34,18 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mea
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of the logits at t against the labels at t + 1: (batch, length, vocab), (batch, length)."""
     return token_loss(logits[:, :-1], labels[:, 1:], reduction)
+
+
+def _check_values(t: torch.Tensor, holds: torch.Tensor, message: str) -> None:
+    """ValueError(message) unless ``holds`` (a bool tensor computed from t) is all True. Inside a compiled
+    graph, or off the CPU (reading a value off a GPU waits for it), an asynchronous assert where it runs;
+    meta tensors hold no values to check."""
+    if t.device.type == "meta":
+        return
+    if torch.compiler.is_compiling() or t.device.type != "cpu":
+        torch._assert_async(holds.all(), message)
+    elif not bool(holds.all()):
+        raise ValueError(message)
 
 
 class ReformerLM(nn.Module):
@@ -62,6 +78,23 @@ class ReformerLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    # -- model folders --------------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write config.json and model.safetensors (with checksums, weights.py) to ``folder``."""
+        weights.save_folder(self, folder)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> "ReformerLM":
+        """The model saved in ``folder`` (by save_pretrained, or a run folder of ``reformer train``), in eval
+        mode. Raises weights.WeightsError naming the file when a file is missing, corrupted, or the weights
+        were saved for another config."""
+        folder = Path(folder)
+        config = weights.read_config(folder)
+        model = cls(config)
+        path = folder / weights.WEIGHTS_FILE
+        weights.load_into(model, weights.load_weights(path, config), path)
+        return model.to(device).eval()
+
     # -- input checks ---------------------------------------------------------------------------------
     def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      n_hashes: int | None = None) -> torch.Tensor | None:
@@ -79,13 +112,7 @@ class ReformerLM(nn.Module):
         if length > cfg.max_seq_len:
             raise ValueError(f"input length {length} exceeds config.max_seq_len={cfg.max_seq_len}")
         in_vocabulary = f"input_ids must lie in [0, vocab_size={cfg.vocab_size})"
-        # No value leaves a compiled graph, and reading one off a GPU waits for it: checked where it runs.
-        if torch.compiler.is_compiling() or input_ids.device.type != "cpu":
-            torch._assert_async(((input_ids >= 0) & (input_ids < cfg.vocab_size)).all(), in_vocabulary)
-        else:
-            low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= cfg.vocab_size:
-                raise ValueError(f"{in_vocabulary}, got values in [{low}, {high}]")
+        _check_values(input_ids, (input_ids >= 0) & (input_ids < cfg.vocab_size), in_vocabulary)
         if n_hashes is not None and (isinstance(n_hashes, bool) or not isinstance(n_hashes, int)
                                      or n_hashes < 1):
             raise ValueError(f"n_hashes must be a positive int or None, got {n_hashes!r}")
@@ -100,10 +127,7 @@ class ReformerLM(nn.Module):
             binary = "attention_mask must hold only 0 and 1 (or be a bool tensor)"
             if attention_mask.dtype.is_complex:
                 raise ValueError(binary)
-            if torch.compiler.is_compiling() or attention_mask.device.type != "cpu":
-                torch._assert_async(((attention_mask == 0) | (attention_mask == 1)).all(), binary)
-            elif not ((attention_mask == 0) | (attention_mask == 1)).all():
-                raise ValueError(binary)
+            _check_values(attention_mask, (attention_mask == 0) | (attention_mask == 1), binary)
             attention_mask = attention_mask != 0
         return attention_mask.to(input_ids.device)
 
@@ -111,6 +135,7 @@ class ReformerLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 n_hashes: int | None = None) -> torch.Tensor:
         key_valid = self.check_inputs(input_ids, attention_mask, n_hashes)
+        input_ids = input_ids.long()   # any integer dtype (uint8 bytes, int32) indexes the embedding
         cfg = self.config
         length = input_ids.shape[1]
         extra = -length % cfg.pad_multiple
@@ -151,13 +176,23 @@ class ReformerLM(nn.Module):
             if not self.config.causal:
                 raise ValueError("labels are required for the masked-LM loss of a non-causal model")
             labels = input_ids
-        if labels.shape != input_ids.shape:
-            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
-                             f"got {tuple(labels.shape)}")
+        if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape:
+            raise ValueError(f"labels must be a tensor of the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {tuple(getattr(labels, 'shape', ()))}")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor (torch.long), got {labels.dtype}")
+        labels = labels.long()
+        vocab = self.config.vocab_size
+        _check_values(labels, ((labels >= 0) & (labels < vocab)) | (labels == IGNORE_INDEX),
+                      f"labels must lie in [0, vocab_size={vocab}) or be {IGNORE_INDEX} (ignored)")
         if attention_mask is not None:   # already validated by the forward pass above
             labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
         if self.config.causal:
             if input_ids.shape[1] < 2:
                 raise ValueError("next-token loss needs sequences of at least 2 tokens")
-            return next_token_loss(logits, labels)
+            labels = labels[:, 1:]
+            logits = logits[:, :-1]
+        # A mean over no target is 0 / 0: refused rather than returned as NaN.
+        _check_values(labels, (labels != IGNORE_INDEX).any(), "the loss has no target: every label is "
+                      f"{IGNORE_INDEX} or masked out by attention_mask")
         return token_loss(logits, labels)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .banded import banded_attention
-from .bands import Band, Window
+from .bands import Band
 from .hashing import hash_with_padding
 from .keys import normalize_keys
 from .sorting import gather_items, sort_by_bucket, sorted_validity, unsort
@@ -67,10 +67,27 @@ def lsh_attention_all_rounds(qk: torch.Tensor, v: torch.Tensor, rotations: torch
 def shared_qk_attention(qk: torch.Tensor, v: torch.Tensor, causal: bool, key_valid: torch.Tensor | None,
                         dropout: float = 0.0, training: bool = False) -> torch.Tensor:
     """Shared-QK attention over a whole sequence of one chunk, as transformers does it when the sequence
-    fits in one chunk (no hashing: one round of full attention). (B, H, L, d) -> (B, H, L, d)."""
-    band = Band(Window(qk.shape[2], 0, 0), causal, "anchor-lsh")
-    positions = torch.arange(qk.shape[2], device=qk.device)[None, None, :]
-    valid = None if key_valid is None else key_valid[:, None, :]
-    out, _, _ = banded_attention(qk, normalize_keys(qk), v, positions, band, key_valid=valid, dropout=dropout,
-                                 training=training)
-    return out
+    fits in one chunk (no hashing: one round of full attention). (B, H, L, d) -> (B, H, L, d).
+
+    transformers' operations on the same layouts, one after the other (products of the strided head
+    views, its mask constants): the same bits as its fallback on every CPU, whose matrix kernels round by
+    the operands' layout. A query attends to itself only when nothing else is allowed: its -1e5 logit
+    then wins against the masked -1e9."""
+    half = qk.dtype == torch.float16
+    masked, self_logit = (-1e4, -1e3) if half else (-1e9, -1e5)
+    dots = torch.matmul(qk, normalize_keys(qk).transpose(-1, -2))
+    length = qk.shape[2]
+    positions = torch.arange(length, device=qk.device)
+    allowed = None
+    if causal:
+        allowed = positions[:, None] >= positions[None, :]
+    if key_valid is not None:
+        padding = key_valid[:, None, None, :]
+        allowed = padding if allowed is None else padding & allowed
+    if allowed is not None:
+        dots = torch.where(allowed, dots, torch.tensor(masked, dtype=dots.dtype, device=dots.device))
+    not_self = positions[:, None] != positions[None, :]
+    dots = torch.where(not_self, dots, torch.tensor(self_logit, dtype=dots.dtype, device=dots.device))
+    probs = torch.exp(dots - torch.logsumexp(dots, dim=-1, keepdim=True))
+    probs = torch.nn.functional.dropout(probs, dropout, training)
+    return torch.matmul(probs, v)

@@ -139,3 +139,37 @@ def test_import_from_pytorch_model_bin(tmp_path):
     torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
     ids = torch.randint(0, 64, (1, 50))
     assert_parity("enwik8 from pytorch_model.bin", hf, load_hf(tmp_path), ids)
+
+
+def test_import_of_a_folder_holding_only_lm_head_bias(tmp_path):
+    """transformers 4.x saves the tied LM bias once, as lm_head.bias (not lm_head.decoder.bias)."""
+    from safetensors.torch import save_file
+
+    hf = hf_model("all-lsh")
+    state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.decoder.bias"}
+    assert "lm_head.bias" in state
+    (tmp_path / "config.json").write_text(json.dumps(hf.config.to_dict()))
+    save_file(state, str(tmp_path / "model.safetensors"))
+    assert_parity("lm_head.bias only", hf, load_hf(tmp_path), torch.randint(0, 64, (2, 24)))
+
+
+def test_an_all_local_model_may_leave_the_lsh_band_unset():
+    from reformer.interop.hf import config_from_hf
+
+    good = transformers.ReformerConfig(**{**BASE, "attn_layers": ["local", "local"], "is_decoder": True}).to_dict()
+    config = config_from_hf({**good, "lsh_num_chunks_before": None, "lsh_num_chunks_after": None})
+    assert config.attn_layers == ("local", "local")
+    with pytest.raises(ValueError, match="lsh_num_chunks_before"):
+        config_from_hf({**transformers.ReformerConfig(**{**BASE, **CONFIGS["all-lsh"]}).to_dict(),
+                        "lsh_num_chunks_before": None})
+
+
+def test_export_of_a_chunked_feed_forward_runs_at_any_length(tmp_path):
+    """Our feed-forward chunks take any length; transformers' demand a multiple, so the export runs whole."""
+    hf = hf_model("all-lsh")
+    ours = load_hf(hf)
+    chunked = ReformerLM(ours.config.__class__(**{**ours.config.to_dict(), "ff_chunk_size": 16}))
+    chunked.load_state_dict(ours.state_dict())
+    save_hf(chunked.eval(), tmp_path)
+    reloaded = transformers.ReformerModelWithLMHead.from_pretrained(tmp_path).eval()
+    assert_parity("chunked feed-forward exported, L=40", reloaded, chunked, torch.randint(0, 64, (2, 40)))

@@ -19,9 +19,11 @@ def build(seed=0, **overrides):
 
 
 @pytest.mark.parametrize("name", sorted(CAUSAL_MODELS))
-@pytest.mark.parametrize("length", [37, 61])
-def test_later_tokens_never_change_earlier_logits(name, length):
-    model = build(**CAUSAL_MODELS[name])
+@pytest.mark.parametrize("length", [37, 61, 700])
+def test_later_tokens_never_change_earlier_logits(name, length, core):
+    """An earlier output never depends on a later token (bit for bit on the eager core)."""
+    model = build(**CAUSAL_MODELS[name], attention_backend="auto" if core == "native" else core,
+                  max_seq_len=1024)
     gen = torch.Generator().manual_seed(1)
     x = torch.randint(0, 64, (2, length), generator=gen)
     with torch.no_grad():
@@ -30,9 +32,14 @@ def test_later_tokens_never_change_earlier_logits(name, length):
             changed = x.clone()
             changed[:, t + 1:] = torch.randint(0, 64, changed[:, t + 1:].shape, generator=gen)
             diff = (model(changed)[:, :t + 1] - base[:, :t + 1]).abs().max().item()
-            assert diff <= 1e-6, f"position <= {t} changed by {diff}"
+            # The eager core holds it bit for bit. The compiled one moves earlier outputs of multi-round LSH by
+            # up to ~1.2e-7 in float32 (issue 18, group 12, open): the order of some sum in the kernel depends
+            # on where an item lands in the sorted sequence, which later tokens can shift.
+            assert diff <= (0.0 if core == "eager" else 1e-6), f"position <= {t} changed by {diff}"
             # Prefix stability: the model run on x[:t+1] alone agrees too.
             prefix = (model(x[:, :t + 1]) - base[:, :t + 1]).abs().max().item()
+            # Not bit for bit: a shorter input is a product with fewer rows, which BLAS computes with other
+            # kernels (one row: a matrix-vector product) that round differently, in every layer alike.
             assert prefix <= 1e-6, f"prefix of length {t + 1} differs by {prefix}"
 
 

@@ -406,3 +406,76 @@ def test_a_compiler_that_fails_leaves_the_eager_core_and_says_so(monkeypatch, tm
         native.library.cache_clear()
         backend.forget_available_backends()
         kernels._lib.cache_clear()
+
+
+BOUNDARY_CASES = r'''
+import dataclasses, torch
+from reformer.ops.bands import Window
+from reformer.ops.intervals import local_spans, pad_keys
+from reformer.ops.native import kernels, ops
+
+torch.manual_seed(0)
+n, d, chunk = 64, 8, 8
+window = Window(chunk, 1, 0)
+spans = local_spans(window, n, n, True, None, torch.device("cpu"))
+q, k, v = torch.randn(n, d), pad_keys(torch.randn(n, d), window), pad_keys(torch.randn(n, d), window)
+lse, out = torch.empty(n), torch.empty(n, d)
+
+def forward(**change):
+    args = dict(q=q, k=k, v=v, spans=spans, chunk=chunk, width=window.width, pad=chunk, lse=lse, out=out)
+    args.update(change)
+    kernels.forward(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("spans"), args.pop("chunk"),
+                    args.pop("width"), args.pop("pad"), args.pop("lse"), out=args.pop("out"))
+
+def spans_with(**values):
+    return dataclasses.replace(spans, **{name: torch.full((n,), value, dtype=torch.int64)
+                                         for name, value in values.items()})
+
+cases = {
+    "output buffer too small": lambda: forward(out=torch.empty(3, d)),
+    "lse too small": lambda: forward(lse=torch.empty(3)),
+    "chunk 0": lambda: forward(chunk=0),
+    "chunk not dividing n": lambda: forward(chunk=7),
+    "spans past the window": lambda: forward(spans=spans_with(hi=10_000)),
+    "negative spans": lambda: forward(spans=spans_with(lo=-5_000)),
+    "empty spans": lambda: forward(spans=spans_with(lo=3, hi=3)),
+    "skip past the window": lambda: forward(spans=spans_with(skip=1 << 40)),
+    "keys too short": lambda: forward(k=torch.randn(5, d)),
+    "integer queries": lambda: forward(q=torch.ones(n, d, dtype=torch.int64)),
+    "validity mask of the wrong length": lambda: kernels.round_spans(
+        torch.zeros(1, 1, n, dtype=torch.int64), torch.ones(1, n // 2, dtype=torch.bool), chunk, 1, 0, True),
+    "bucket ids far apart": lambda: kernels.round_spans(
+        torch.tensor([[[-(2**62)] * (n // 2) + [2**62] * (n // 2)]]), None, chunk, 1, 0, True),
+    "length not a chunk multiple": lambda: kernels.round_spans(torch.zeros(1, 1, n - 3, dtype=torch.int64), None,
+                                                                chunk, 1, 0, True),
+    "row offsets past their tensor": lambda: kernels.forward(
+        kernels.Rows(q, torch.full((n,), 10**9, dtype=torch.int64), d), None,
+        kernels.Rows(q, torch.zeros(n, dtype=torch.int64), d), spans, chunk, window.width, chunk, lse, out=out,
+        k_scale=torch.ones(n)),
+    "operator: local attention at a length the chunk does not divide": lambda: ops.local_attention(
+        torch.randn(1, 1, 60, d), torch.randn(1, 1, 60, d), torch.randn(1, 1, 60, d), chunk, 1, 0, True),
+    "operator: hash_buckets with too few rotation columns": lambda: ops.hash_buckets(
+        torch.randn(1, 1, n, d), torch.randn(1, d, 1, 1), [8]),
+}
+for name, case in cases.items():
+    try:
+        case()
+    except (ValueError, RuntimeError) as error:
+        print(f"{name}: {type(error).__name__}")
+    else:
+        print(f"{name}: accepted")
+'''
+
+
+def test_no_argument_crashes_the_process_at_the_c_boundary(compiled, tmp_path):
+    """Bad shapes, sizes, chunks and index ranges handed to the kernels raise; none segfaults (run in a child
+    process, so that a crash is a failed test and not a dead test run)."""
+    script = tmp_path / "boundary.py"
+    script.write_text(BOUNDARY_CASES)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"the process died ({result.returncode}): {result.stdout}{result.stderr[-2000:]}"
+    outcomes = dict(line.rsplit(": ", 1) for line in result.stdout.splitlines())
+    assert len(outcomes) == 16
+    assert {name for name, outcome in outcomes.items() if outcome == "accepted"} == set(), outcomes
+    assert all(outcome == "ValueError" for name, outcome in outcomes.items() if not name.startswith("operator")), \
+        outcomes

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..config import ACTIVATIONS, ReformerConfig
+from ..files import write_atomically
 from ..nn.model import ReformerLM
 
 # transformers parameter names -> ours; {i} is the layer index.
@@ -37,7 +38,8 @@ GLOBAL_NAMES = {
     "reformer.encoder.layer_norm": "norm",
     "lm_head.decoder": "head",
 }
-IGNORED = {"lm_head.bias"}  # transformers keeps a copy of the decoder bias that its forward never reads
+# transformers ties lm_head.bias to lm_head.decoder.bias; folders saved by transformers 4.x hold the first only.
+HEAD_BIAS_COPY, HEAD_BIAS = "lm_head.bias", "lm_head.decoder.bias"
 
 
 def _hf_error(field: str, allowed: str, value: Any) -> ValueError:
@@ -65,17 +67,24 @@ def config_from_hf(hf: dict[str, Any]) -> ReformerConfig:
             product *= n
         max_len = min(max_len, product)
     lsh_chunk = hf.get("lsh_attn_chunk_length") or 64
+    band = {}   # the band of a kind of layer the model has not may be None (transformers never reads it)
+    for prefix, kind, before, after in (("lsh_num_chunks", "lsh", "n_chunks_before", "n_chunks_after"),
+                                        ("local_num_chunks", "local", "local_n_chunks_before",
+                                         "local_n_chunks_after")):
+        for side, field, default in (("before", before, 1), ("after", after, 0)):
+            value = hf.get(f"{prefix}_{side}", default)
+            if value is None:
+                if kind in attn_layers:
+                    raise _hf_error(f"{prefix}_{side}", f"its {kind} layers need a number of chunks", None)
+                value = default
+            band[field] = value
     fields = dict(
         vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_heads=hf["num_attention_heads"],
         d_head=hf["attention_head_size"], n_layers=len(attn_layers), d_ff=hf["feed_forward_size"],
         activation=hf.get("hidden_act", "relu"), attn_layers=attn_layers,
         n_hashes=hf.get("num_hashes", 1),
         n_buckets=tuple(num_buckets) if isinstance(num_buckets, list) else num_buckets,
-        chunk_length=lsh_chunk, n_chunks_before=hf.get("lsh_num_chunks_before", 1),
-        n_chunks_after=hf.get("lsh_num_chunks_after", 0),
-        local_chunk_length=hf.get("local_attn_chunk_length", 64),
-        local_n_chunks_before=hf.get("local_num_chunks_before", 1),
-        local_n_chunks_after=hf.get("local_num_chunks_after", 0),
+        chunk_length=lsh_chunk, local_chunk_length=hf.get("local_attn_chunk_length") or 64, **band,
         lsh_window="chunk", causal=bool(hf.get("is_decoder", False)),
         # transformers with hash_seed None draws new rotations from the global RNG on every call, so no
         # fixed seed reproduces it; 0 makes our evaluation deterministic.
@@ -123,7 +132,9 @@ def config_to_hf(cfg: ReformerConfig) -> dict[str, Any]:
         "lsh_num_chunks_after": cfg.n_chunks_after, "local_attn_chunk_length": cfg.local_chunk_length,
         "local_num_chunks_before": cfg.local_n_chunks_before,
         "local_num_chunks_after": cfg.local_n_chunks_after, "is_decoder": cfg.causal,
-        "hash_seed": cfg.hash_seed, "chunk_size_feed_forward": cfg.ff_chunk_size,
+        # Feed-forward chunking saves memory and changes no number; transformers' demands lengths that the
+        # chunk divides, so the export runs its feed-forward whole.
+        "hash_seed": cfg.hash_seed, "chunk_size_feed_forward": 0,
         "axial_pos_embds": axial, "axial_pos_shape": list(cfg.axial_shape),
         "axial_pos_embds_dim": list(cfg.axial_dims), "max_position_embeddings": cfg.max_seq_len,
         "hidden_dropout_prob": cfg.dropout, "lsh_attention_probs_dropout_prob": cfg.attention_dropout,
@@ -136,9 +147,11 @@ def config_to_hf(cfg: ReformerConfig) -> dict[str, Any]:
 def state_dict_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename (and reshape the axial weights of) a transformers state dict. Unknown names raise."""
     ours = {}
+    hf_state = dict(hf_state)
+    if HEAD_BIAS_COPY in hf_state:
+        copy = hf_state.pop(HEAD_BIAS_COPY)
+        hf_state.setdefault(HEAD_BIAS, copy)
     for name, tensor in hf_state.items():
-        if name in IGNORED:
-            continue
         ours[_rename(name)] = tensor.reshape(-1, tensor.shape[-1]) if ".position_embeddings.weights." in name \
             else tensor
     return ours
@@ -175,7 +188,7 @@ def state_dict_to_hf(model) -> dict[str, torch.Tensor]:
         else:
             match = re.fullmatch(r"stack\.blocks\.(\d+)\.(.+)", base)
             out[f"reformer.encoder.layers.{match.group(1)}.{inverse_layer[match.group(2)]}.{kind}"] = tensor
-    out["lm_head.bias"] = out["lm_head.decoder.bias"]
+    out[HEAD_BIAS_COPY] = out[HEAD_BIAS]
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
@@ -239,10 +252,10 @@ def load_hf(source) -> ReformerLM:
 
 def save_hf(model, folder: str | os.PathLike) -> None:
     """Write config.json and model.safetensors that transformers' from_pretrained loads."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     hf_config = config_to_hf(model.config)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(state_dict_to_hf(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
+    write_atomically(folder / "model.safetensors", save(state_dict_to_hf(model), metadata={"format": "pt"}))
+    write_atomically(folder / "config.json", json.dumps(hf_config, indent=2))

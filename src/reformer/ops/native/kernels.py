@@ -3,8 +3,10 @@ name, and the checks that keep a bad argument from reaching C.
 
 Each structure mirrors its C namesake field by field (ForwardCall, BackwardCall, ScatterCall, HashCall,
 RoundSpansCall). The wrappers check what would make the C code read or write out of bounds (dtypes,
-devices, contiguity, sizes) and raise ValueError naming the argument; the values inside the index tensors
-(spans, orders, row offsets) come from this package's own passes and are trusted.
+devices, contiguity, sizes, and the range of every index: spans within the window, row offsets within
+their tensor, orders within the positions) and raise ValueError naming the argument, so that no argument
+crashes the process. The range checks are a few reductions over n indices, next to the O(n x window x d)
+work of a call.
 """
 
 from __future__ import annotations
@@ -93,10 +95,31 @@ def _check(name: str, t: torch.Tensor | None, dtype: torch.dtype, numel: int | N
     return t.data_ptr()
 
 
+def _check_range(name: str, t: torch.Tensor, low: int, high: int) -> None:
+    """ValueError unless every value of the int64 tensor t lies in [low, high)."""
+    if t.numel() and (int(t.min()) < low or int(t.max()) >= high):
+        raise ValueError(f"the compiled interval core needs {name} in [{low}, {high}), got values in "
+                         f"[{int(t.min())}, {int(t.max())}]")
+
+
+def _check_spans(spans, width: int, n: int) -> None:
+    """Spans within the window: 0 <= lo < hi <= width, skip -1 or a column."""
+    for name in ("lo", "hi", "skip"):
+        _check(name, getattr(spans, name), torch.int64, n)
+    _check_range("lo", spans.lo[:n], 0, width)
+    _check_range("hi", spans.hi[:n], 1, width + 1)
+    _check_range("skip", spans.skip[:n], -1, width)
+    if bool((spans.lo[:n] >= spans.hi[:n]).any()):
+        raise ValueError("the compiled interval core needs every span to hold a column (lo < hi)")
+
+
 def _rows(name: str, x: torch.Tensor | Rows, dtype, n: int, rows: int | None = None):
     """(base address, index address, row width) of n items' rows: Rows, or ``rows`` rows as they lie."""
     if isinstance(x, Rows):
-        return _check(name, x.base, dtype), _check(f"{name}'s index", x.index, torch.int64, n), x.size
+        index = _check(f"{name}'s index", x.index, torch.int64, n)
+        _check(name, x.base, dtype)
+        _check_range(f"{name}'s row offsets", x.index[:n], 0, x.base.numel() - x.size + 1)
+        return x.base.data_ptr(), index, x.size
     if rows is None:
         raise ValueError(f"the compiled interval core reads {name} by index here: pass Rows")
     return _check(name, x, dtype, rows * x.shape[-1]), None, x.shape[-1]
@@ -126,6 +149,7 @@ def forward(q, k, v, spans, chunk: int, width: int, pad: int, lse, out=None, k_s
     into out's rows, the total normaliser and any_other (no round saw another key: out is v) by position."""
     n, dtype = lse.shape[0], lse.dtype
     _check_geometry(n, chunk, width, pad)
+    _check_spans(spans, width, n)
     padded = n + width - chunk
     (q_at, q_index, d), (v_at, v_index, dv) = _rows("q", q, dtype, n, n), _rows("v", v, dtype, n, padded)
     call = ForwardCall(n=n, d=d, dv=dv, chunk=chunk, width=width, pad=pad, q=q_at, q_index=q_index,
@@ -141,6 +165,7 @@ def forward(q, k, v, spans, chunk: int, width: int, pad: int, lse, out=None, k_s
         positions = acc.shape[0]
         call.order, call.has_other = _check("order", order, torch.int64, n), _check("has_other", has_other,
                                                                                      torch.bool, n)
+        _check_range("order", order[:n], 0, positions)
         call.acc, call.best = _check("acc", acc, dtype, positions * dv), _check("best", best, dtype, positions)
         call.norm, call.scores = _check("norm", norm, dtype, positions), _check("scores", scores, dtype, positions)
         if finish is not None:
@@ -161,6 +186,7 @@ def backward(q, k, v, g, spans, chunk: int, width: int, pad: int, lse, row, d_q,
     written."""
     n, dtype = lse.shape[0], lse.dtype
     _check_geometry(n, chunk, width, pad)
+    _check_spans(spans, width, n)
     padded = n + width - chunk
     (q_at, q_index, d), (v_at, v_index, dv) = _rows("q", q, dtype, n, n), _rows("v", v, dtype, n, padded)
     g_at, g_index, _ = _rows("d_out", g, dtype, n, n)
@@ -185,6 +211,8 @@ def scatter_gradients(q: Rows, k_scale, order, pad: int, d_q, d_k, d_v, to_qk: R
     q_at, q_index, _ = _rows("q", q, dtype, n)
     qk_at, qk_index, _ = _rows("d_qk", to_qk, dtype, n)
     v_at, v_index, _ = _rows("d_v", to_v, dtype, n)
+    _check("order", order, torch.int64, n)
+    _check_range("order", order[:n], 0, n)
     call = ScatterCall(n=n, d=d, dv=dv, pad=pad, q=q_at, q_index=q_index, k_scale=_check("k_scale", k_scale, dtype, n),
                        order=_check("order", order, torch.int64, n), dq=_check("d_q", d_q, dtype, n * d),
                        dkp=_check("d_k", d_k, dtype, (n + pad) * d), dvp=_check("d_v", d_v, dtype, (n + pad) * dv),
@@ -233,8 +261,11 @@ def round_spans(buckets: torch.Tensor, valid: torch.Tensor | None, chunk: int, b
     if valid is not None and (valid.dtype != torch.bool or valid.shape != (batch, length)):
         raise ValueError(f"round_spans takes validity as a ({batch}, {length}) bool tensor, got {valid.dtype} of "
                          f"shape {tuple(valid.shape)}")
-    if chunk < 1 or before < 0 or after < 0:
-        raise ValueError(f"round_spans needs chunk >= 1 and before, after >= 0, got {chunk}, {before}, {after}")
+    if chunk < 1 or before < 0 or after < 0 or length % chunk:
+        raise ValueError(f"round_spans needs chunk >= 1 dividing the length {length} and before, after >= 0, got "
+                         f"{chunk}, {before}, {after}")
+    # The counting sort sizes its counts by the ids' range: ids in [0, 2^31) keep that sane.
+    _check_range("bucket ids", buckets, 0, 2**31)
     n = batch * heads * length
     positions = torch.empty(batch, heads, length, dtype=torch.int64)
     order, lo, hi, skip = (torch.empty(n, dtype=torch.int64) for _ in range(4))

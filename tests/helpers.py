@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import torch
 
 from reformer import ReformerConfig
@@ -34,3 +36,16 @@ def full_shared_qk_attention(layer, x: torch.Tensor, causal: bool) -> torch.Tens
     allowed = other | (is_self & ~other.any(-1, keepdim=True))
     probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
     return layer.out(merge_heads(probs @ v))
+
+
+def run_in_process(args, capsys) -> subprocess.CompletedProcess:
+    """The ``reformer`` command run in this process (no interpreter start-up): returncode, stdout, stderr."""
+    from reformer.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exit:
+        code = exit.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)

@@ -8,22 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import run_in_process
+
 
 def cli(*args, text=True):
     return subprocess.run([sys.executable, "-m", "reformer", *map(str, args)], capture_output=True, text=text)
-
-
-def in_process(args, capsys):
-    """The command run in this process (no interpreter start-up): returncode, stdout, stderr."""
-    from reformer.cli import main
-
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exit:
-        code = exit.code
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out, err)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +97,7 @@ def test_bad_arguments_exit_2_with_one_clear_line(args, message, tmp_path, train
     args = [str(empty) if a == "EMPTY" else str(trained_run) if a == "RUN" else a for a in args]
     if args[0] == "train" and "--resume" not in args:
         args += ["--run-dir", str(tmp_path / "run")]
-    result = in_process(args, capsys)
+    result = run_in_process(args, capsys)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import run_in_process
 from reformer import ReformerLM
 from reformer.files import FolderInUse, FolderLock
 from reformer.training.checkpoint import CheckpointError, load_checkpoint, load_model
@@ -44,18 +45,7 @@ def cli(*args, **kwargs):
 
 @pytest.fixture
 def run_cli(capsys):
-    """The command in this process (no interpreter start-up): a result with returncode, stdout, stderr."""
-    from reformer.cli import main
-
-    def run(*args):
-        capsys.readouterr()
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as exit:
-            code = exit.code
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out, err)
-    return run
+    return lambda *args: run_in_process(args, capsys)
 
 
 @pytest.fixture(scope="module")

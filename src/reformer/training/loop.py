@@ -485,7 +485,7 @@ def _diverged(metrics: MetricsLog | None, done: int, loss: float, grad_norm: flo
         metrics.write({"step": done, "event": "diverged", "loss": repr(loss), "grad_norm": repr(grad_norm)})
     kept = (f"the run's model is the checkpoint of step {last_saved}" if last_saved is not None
             else "no checkpoint was written")
-    raise Diverged(f"training diverged at step {done}: {'non-finite weights' if what == 'weights' else ''}"
+    raise Diverged(f"training diverged at step {done}: {'non-finite weights, ' if what == 'weights' else ''}"
                    f"loss {loss:.4g}, gradient norm {grad_norm:.4g}; stopped, {kept} ({run_dir}); lower --lr "
                    "or raise --warmup and train again", last_saved or 0)
 

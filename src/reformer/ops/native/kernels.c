@@ -565,7 +565,7 @@ static void F(scores)(const T *x, int m, int64_t d, const T *t, int64_t panel0, 
 /* y0 = scale0 * sum over columns [from, to) of w0[col] * (row first + col of x, d wide), and y1 alike
    with w1 (unless y1 is NULL): two queries share each row's loads, 8 independent sums. */
 static void F(weighted_rows)(T *y0, T *y1, const T *w0, const T *w1, const T *x, int64_t d, int64_t first,
-                             int64_t from, int64_t to, T scale0, T scale1) {
+                             int64_t from, int64_t to, T scale0, T scale1, const int64_t own[4]) {
     int64_t e = 0;
     for (; e + 4 * LANES <= d; e += 4 * LANES) {
         V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
@@ -593,14 +593,16 @@ static void F(weighted_rows)(T *y0, T *y1, const T *w0, const T *w1, const T *x,
             F(store)(y1 + e + 3 * LANES, b3 * scale1);
         }
     }
+    /* The last d % (4 LANES) elements: each row summed over its own columns, [own[0], own[1]) and [own[2],
+       own[3]). Summed over both rows' columns (the partner's weighted zero), a row's result changed in its
+       last bits (measured in float32), so it depended on its partner: on where later tokens put it. */
     for (; e < d; e++) {
         T u = 0, v = 0;
-        for (int64_t col = from; col < to; col++) {
-            u += w0[col] * x[(first + col) * d + e];
-            v += w1[col] * x[(first + col) * d + e];
-        }
+        for (int64_t col = own[0]; col < own[1]; col++) u += w0[col] * x[(first + col) * d + e];
         y0[e] = u * scale0;
-        if (y1) y1[e] = v * scale1;
+        if (!y1) continue;
+        for (int64_t col = own[2]; col < own[3]; col++) v += w1[col] * x[(first + col) * d + e];
+        y1[e] = v * scale1;
     }
 }
 
@@ -743,8 +745,9 @@ static void F(forward_chunks)(const Args *a, T *scratch, int64_t begin, int64_t 
                 if (two && a->lo[i + 1] < lo) lo = a->lo[i + 1];
                 if (two && a->hi[i + 1] > hi) hi = a->hi[i + 1];
                 T *y0 = a->order ? y : a->out + i * dv, *y1 = !two ? NULL : a->order ? y + dv : a->out + (i + 1) * dv;
+                const int64_t own[4] = {a->lo[i], a->hi[i], two ? a->lo[i + 1] : 0, two ? a->hi[i + 1] : 0};
                 F(weighted_rows)(y0, y1, s + r * sw, s + (r + two) * sw, a->vp, dv, first - a->k0, lo, hi,
-                                 1 / total[r], two ? 1 / total[r + 1] : 0);
+                                 1 / total[r], two ? 1 / total[r + 1] : 0, own);
                 if (a->order) {
                     F(combine)(a, i, y0, lse[r]);
                     if (two) F(combine)(a, i + 1, y1, lse[r + 1]);
@@ -786,8 +789,9 @@ static void F(backward_chunks)(const Args *a, const F(Work) *w, int64_t begin, i
             }
             for (int r = 0; r < m; r += 2) {
                 int64_t i = i0 + r, two = r + 1 < m;
+                const int64_t own[4] = {from, to, from, to};
                 F(weighted_rows)(a->dq + i * d, two ? a->dq + (i + 1) * d : NULL, dp + r * sw, dp + (r + two) * sw,
-                                 a->kp, d, first - a->k0, from, to, 1, 1);
+                                 a->kp, d, first - a->k0, from, to, 1, 1, own);
             }
             F(spread)(tile_k, dp, sw, q, m, d, from, to);
             F(spread)(tile_v, s, sw, g_rows, m, dv, from, to);

@@ -231,6 +231,10 @@ def test_distributed_step_equals_single_process_step(corpus_file, tmp_path):
         torch.testing.assert_close(grad_ddp, grad_single, atol=1e-5, rtol=0, msg=name)
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0, msg=name)
     assert (tmp_path / "ddp" / "checkpoints").is_dir() and len(list((tmp_path / "ddp").glob("**/state.pt"))) == 1
+    # Validation scores the same windows in one process or two (it used to take the per-process batch).
+    valid = {name: [json.loads(line)["valid_bpb"] for line in (tmp_path / name / "metrics.jsonl").read_text()
+                    .splitlines() if "valid_bpb" in line] for name in ("single", "ddp")}
+    assert valid["ddp"] == pytest.approx(valid["single"], abs=1e-4)
 
     # Resume works the same under torchrun: both runs continue to step 2 and still agree.
     single = cli("train", "--resume", tmp_path / "single", "--steps", 2, "--quiet")

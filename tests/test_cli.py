@@ -1,6 +1,7 @@
 """The ``reformer`` command: end-to-end runs and one-line errors with exit status 2."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -218,3 +219,21 @@ def test_eval_prints_what_training_logged_last(trained_run):
     result = cli("eval", trained_run)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["bpb"] == round(logged, 5)
+
+
+@pytest.mark.parametrize("idle_share,cores,expected", [(1.0, 2, 2), (0.5, 2, 1), (0.0, 2, 1), (0.75, 4, 3),
+                                                        (0.3, 8, 2)])
+def test_threads_follow_the_idle_cores(idle_share, cores, expected):
+    """A core another process keeps busy gets no thread of ours (OpenMP threads wait for the slowest)."""
+    from reformer.cli import free_cores
+
+    assert free_cores((1000, 2000), (1000 + int(1000 * idle_share), 3000), cores) == expected
+    assert free_cores((5, 5), (5, 5), cores) == cores      # no time passed: no evidence of load
+
+
+def test_omp_num_threads_decides_when_set(tmp_path, text_file):
+    result = subprocess.run([sys.executable, "-m", "reformer", "train", "--data", str(text_file), "--run-dir",
+                             str(tmp_path / "run"), "--preset", "tiny", "--steps", "1", "--seq-len", "64"],
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert ", 1 thread (OMP_NUM_THREADS sets it)," in result.stderr

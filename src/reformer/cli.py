@@ -330,7 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=DefaultsOnce,
                        description="Import a transformers Reformer folder (save_pretrained) as a run folder, or "
                        "export a run folder for transformers' from_pretrained. Only models with "
-                       "lsh_window='chunk' (the anchors' window) export: transformers has no bucket window.")
+                       "lsh_window='chunk' (the anchors' window) export: transformers has no bucket window. "
+                       "To export, train with --lsh-window chunk and only local and lsh layers. transformers "
+                       "itself is needed only to load the export.")
     p.add_argument("--from-hf", metavar="FOLDER", help="a transformers save_pretrained folder to import")
     p.add_argument("--to-hf", metavar="RUN_DIR", help="a run folder to export")
     p.add_argument("--out", required=True, help="the folder to write")
@@ -352,11 +354,49 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "con
             "experiment": cmd_experiment}
 
 
+def _cpu_times() -> tuple[int, int] | None:
+    """(idle, total) jiffies of all cores from /proc/stat (Linux), or None."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields[:8])
+
+
+def free_cores(before: tuple[int, int], after: tuple[int, int], cores: int) -> int:
+    """Cores that other processes left idle between two _cpu_times samples, at least 1."""
+    idle, total = after[0] - before[0], after[1] - before[1]
+    busy = cores * (1 - idle / total) if total > 0 else 0.0
+    return max(1, min(cores, cores - round(busy)))
+
+
+def choose_threads() -> None:
+    """torch's threads for this command: as many as there are idle cores now, unless OMP_NUM_THREADS says.
+
+    torch takes one thread per core; where another process keeps a core busy, its OpenMP threads wait for
+    the slowest one and a step takes longer than on fewer threads."""
+    import time
+
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    before = _cpu_times()
+    if before is None:
+        return
+    time.sleep(0.2)
+    after = _cpu_times()
+    if after is not None:
+        torch.set_num_threads(min(torch.get_num_threads(), free_cores(before, after, os.cpu_count() or 1)))
+
+
 def main(argv: list[str] | None = None) -> int:
     # Before torch's first large block: the command's big tensors on huge pages (see ops/memory.py).
     memory.offer_huge_pages_to_torch()
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("train", "eval", "generate") and os.environ.get("WORLD_SIZE", "1") == "1":
+        choose_threads()
     try:
         return COMMANDS[args.command](args)
     except (UsageError, DataError, CheckpointError, FolderInUse) as error:

@@ -155,8 +155,9 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, log=print,
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, curve in curves.items():
         ax.plot([c[0] for c in curve], [100 * c[2] for c in curve], label=f"trained {name}")
-    ax.set_xlabel("step")
+    ax.set_xlabel("optimiser step")
     ax.set_ylabel("accuracy on the second copy (%, training batches)")
+    ax.set_title(f"duplication: training at length {settings.length}{' (--quick)' if quick else ''}")
     ax.grid(alpha=0.3)
     ax.legend()
     save_figure(fig, report.path("training.png"))

@@ -54,6 +54,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, log=print,
     ax.set_xticks(rounds, [str(n) for n in rounds])
     ax.set_xlabel("hashing rounds at evaluation (trained with 2)")
     ax.set_ylabel("valid bits per byte")
+    ax.set_title(f"hash-rounds: one trained model evaluated with 1 to {max(rounds)} rounds")
     ax.grid(alpha=0.3)
     ax.legend()
     save_figure(fig, report.path("rounds.png"))

@@ -148,16 +148,20 @@ def gap_sentence(final: dict[str, float], steps: int) -> str:
     return f"After {steps} steps: " + "; ".join(parts) + "." if parts else ""
 
 
-def plot(curves: dict[str, list], path: Path) -> None:
+def plot(curves: dict[str, list], path: Path, settings: ParitySettings) -> None:
+    """The validation curves (each point on ``eval_batches`` batches; the table's numbers are a larger
+    evaluation of the final weights, so the curves' end points differ from it: the labels say so)."""
     plt = pyplot()
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for name, curve in curves.items():
         style = "--" if name.endswith("plain") else "-"
         by_step.plot([c[0] for c in curve], [c[2] for c in curve], style, marker=".", label=name)
         by_time.plot([c[1] for c in curve], [c[2] for c in curve], style, marker=".", label=name)
-    by_step.set_xlabel("step")
-    by_time.set_xlabel("training seconds (wall clock, this machine)")
-    by_step.set_ylabel("valid bits per byte")
+    by_step.set_xlabel("optimiser step")
+    by_time.set_xlabel("training seconds (s, wall clock, this machine)")
+    by_step.set_ylabel(f"valid bits per byte ({settings.eval_batches} batches of {settings.batch_size})")
+    fig.suptitle(f"lm-parity: validation during training; the table scores the final weights on "
+                 f"{settings.final_eval_batches} batches")
     for ax in (by_step, by_time):
         ax.grid(alpha=0.3)
     by_time.legend()
@@ -178,7 +182,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, log=print,
         seconds[variant] = max(r["elapsed"] for r in records if "elapsed" in r)
         final[variant] = final_bpb(runs_root / variant, settings)
         log(f"  {variant}: valid {final[variant]:.4f} bits/byte, {seconds[variant]:.0f} s")
-    plot(curves, report.path("curves.png"))
+    plot(curves, report.path("curves.png"), settings)
 
     reference = final.get("full")
     rows = [[name, f"{final[name]:.4f}", "" if reference is None else f"{final[name] - reference:+.4f}",

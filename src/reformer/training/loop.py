@@ -496,7 +496,7 @@ def summary(run_dir: Path, corpus: Corpus, model: ReformerLM, cfg: TrainConfig, 
     mc = model.config
     sizes = {split: len(corpus.split(split)) for split in ("train", "valid")}
     kinds = ", ".join(mc.attn_layers)
-    cores = sorted(core_names(model, env.device, cfg.bf16))
+    cores, threads = sorted(core_names(model, env.device, cfg.bf16)), torch.get_num_threads()
     return [
         f"run      {run_dir} ({'resumed at step ' + str(start) if start else 'new'}; {cfg.steps} steps)",
         f"data     {corpus.name}: {sizes['train'] / 1e6:.1f} MB train, {sizes['valid'] / 1e6:.2f} MB valid "
@@ -505,8 +505,8 @@ def summary(run_dir: Path, corpus: Corpus, model: ReformerLM, cfg: TrainConfig, 
         f"{model.num_parameters() / 1e6:.2f}M parameters, {'reversible' if mc.reversible else 'plain'}",
         f"training batch {cfg.batch_size} x {cfg.seq_len} bytes (accum {cfg.accum}, {env.world} process"
         f"{'es' if env.world > 1 else ''}), {cfg.optimizer} lr {cfg.lr:g} {cfg.schedule}, seed {cfg.seed}",
-        f"device   {env.device}, {'bfloat16 autocast' if cfg.bf16 else 'float32'}, {torch.get_num_threads()} "
-        f"threads, attention core {', '.join(cores) or 'sdpa'}",
+        f"device   {env.device}, {'bfloat16 autocast' if cfg.bf16 else 'float32'}, {threads} thread"
+        f"{'s' if threads > 1 else ''} (OMP_NUM_THREADS sets it), attention core {', '.join(cores) or 'sdpa'}",
     ]
 
 

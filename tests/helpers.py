@@ -43,9 +43,12 @@ def run_in_process(args, capsys) -> subprocess.CompletedProcess:
     from reformer.cli import main
 
     capsys.readouterr()
+    threads = torch.get_num_threads()   # the command sets torch's threads for its process: restored here
     try:
         code = main([str(a) for a in args])
     except SystemExit as exit:
         code = exit.code
+    finally:
+        torch.set_num_threads(threads)
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, out, err)

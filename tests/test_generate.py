@@ -100,3 +100,27 @@ def test_bad_sampling_arguments(kwargs, message):
         generate(model, [], max_new_tokens=2)
     with pytest.raises(ValueError, match="causal"):
         generate(ReformerLM(tiny(causal=False)), [1], max_new_tokens=2)
+
+
+def test_repetition_penalty_lowers_the_logits_of_recent_tokens():
+    from reformer.generate import penalise_repeats
+
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    out = penalise_repeats(logits, torch.tensor([[0, 1, 1]]), 2.0)
+    assert out.tolist() == [[1.0, -2.0, 0.5, 3.0]]          # positive halved, negative doubled, others kept
+    assert torch.equal(penalise_repeats(logits, torch.tensor([[0]]), 1.0), logits)
+
+
+def test_a_repetition_penalty_breaks_a_loop_on_one_byte():
+    """A model whose likeliest byte is always 5 (as a short-trained byte model's is the space)."""
+    torch.manual_seed(0)
+    model = ReformerLM(tiny(vocab_size=64, max_seq_len=256)).eval()
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.fill_(0.0)
+        model.head.bias[5], model.head.bias[7] = 10.0, 9.0
+    assert set(generate(model, [1, 2, 3], 12, temperature=0)) == {5}
+    penalised = generate(model, [1, 2, 3], 12, temperature=0, repetition_penalty=2.0, penalty_window=4)
+    assert penalised[:3] == [5, 7, 5] and 7 in penalised[3:]
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        generate(model, [1], 2, repetition_penalty=0.5)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import run_in_process
 from reformer import ReformerConfig, ReformerLM
 from reformer.training.checkpoint import CheckpointError, load_checkpoint, load_model, sha256_file
 from reformer.training.data import Corpus, window_batch
@@ -305,10 +306,9 @@ def test_non_finite_or_out_of_range_settings_are_refused(field, value):
         TrainConfig(**{field: value})
 
 
-def test_validation_is_the_same_whatever_accum_and_the_eval_command_prints_it(corpus_file, tmp_path):
+def test_validation_is_the_same_whatever_accum_and_the_eval_command_prints_it(corpus_file, tmp_path, capsys):
     """Validation scores eval_batches x eval_batch_size fixed windows: not the micro-batch (which changes
     with --accum and the number of processes). ``reformer eval RUN`` scores the same windows by default."""
-    from reformer.cli import main
 
     common = dict(data=str(corpus_file), steps=2, batch_size=4, seq_len=64, eval_every=2, checkpoint_every=2,
                   eval_batches=3, eval_batch_size=5)
@@ -321,13 +321,9 @@ def test_validation_is_the_same_whatever_accum_and_the_eval_command_prints_it(co
 
         again = evaluate(model, Corpus.open(str(corpus_file)), "valid", 64, 5, 3, torch.device("cpu"))
         assert again["bpb"] == logged and again["windows"] == 15
-    import contextlib
-    import io
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert main(["eval", str(tmp_path / "accum4")]) == 0
-    printed = json.loads(out.getvalue())
+    result = run_in_process(["eval", tmp_path / "accum4"], capsys)
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
     assert printed["windows"] == 15 and printed["bpb"] == round(logged, 5)
 
 

@@ -24,6 +24,7 @@ from .training.loop import RESUMABLE, TrainConfig
 from .version import __version__
 
 DEFAULT_RUN_DIR = "runs/default"
+REPETITION_PENALTY = 1.3   # what made the quick start's samples read as code (README)
 
 
 class UsageError(Exception):
@@ -259,7 +260,8 @@ def cmd_generate(args) -> int:
         out.flush()
 
     generate(model, list(prompt), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-             top_p=args.top_p, seed=args.seed, stop=stop, use_cache=not args.no_cache, on_token=emit)
+             top_p=args.top_p, seed=args.seed, stop=stop, use_cache=not args.no_cache, on_token=emit,
+             repetition_penalty=args.repetition_penalty)
     out.write(b"\n")
     out.flush()
     return 0
@@ -322,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=at_least(1), default=None, help="sample among the k most likely bytes")
     p.add_argument("--top-p", type=finite(0.0, 1.0), default=None, help="nucleus sampling mass, in (0, 1]")
     p.add_argument("--seed", type=at_least(0), default=0, help="sampling seed")
+    p.add_argument("--repetition-penalty", type=finite(1.0), default=REPETITION_PENALTY,
+                   help="divide the logits of the bytes among the last 32 by this (1 = off)")
     p.add_argument("--stop", default="", help="stop after any of these characters")
     p.add_argument("--no-cache", action="store_true", help="recompute the full forward for every byte")
     _add_device(p)

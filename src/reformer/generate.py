@@ -316,6 +316,15 @@ class Decoder:
         return torch.addmm(self.head[0], self.final_norm(torch.cat([x1, x2], dim=-1)), self.head[1])
 
 
+def penalise_repeats(logits: torch.Tensor, recent: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The repetition penalty of CTRL (Keskar et al., 2019): the logit of every token among ``recent``
+    (batch, n) ids divided by ``penalty`` where positive, multiplied where negative. logits (batch, vocab)."""
+    if penalty == 1.0 or recent.shape[-1] == 0:
+        return logits
+    seen = logits.gather(-1, recent)
+    return logits.scatter(-1, recent, torch.where(seen > 0, seen / penalty, seen * penalty))
+
+
 def sample(logits: torch.Tensor, generator: torch.Generator, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """Draw one token per row of logits (batch, vocab). temperature 0 = greedy."""
@@ -337,12 +346,19 @@ def sample(logits: torch.Tensor, generator: torch.Generator, temperature: float 
 def generate(model: ReformerLM, prompt: Iterable[int] | torch.Tensor, max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, stop: Iterable[int] = (), use_cache: bool = True,
-             on_token: Callable[[int], None] | None = None) -> list[int]:
+             on_token: Callable[[int], None] | None = None, repetition_penalty: float = 1.0,
+             penalty_window: int = 32) -> list[int]:
     """Continue ``prompt`` (token ids) by up to ``max_new_tokens`` tokens; return the new ones.
 
     Stops early at a token in ``stop`` (it is included) or when the context reaches max_seq_len.
     ``on_token`` is called with each new token as soon as it is drawn (for streaming).
+    ``repetition_penalty`` > 1 makes the tokens among the last ``penalty_window`` less likely
+    (penalise_repeats): a short-trained byte model otherwise loops on its likeliest byte (spaces).
     """
+    if not math.isfinite(repetition_penalty) or repetition_penalty < 1:
+        raise ValueError(f"repetition_penalty must be a finite number >= 1, got {repetition_penalty}")
+    if penalty_window < 1:
+        raise ValueError(f"penalty_window must be >= 1, got {penalty_window}")
     if not model.config.causal:
         raise ValueError("generation needs a causal model; this one is a bidirectional encoder "
                          "(config.causal=False)")
@@ -367,6 +383,8 @@ def generate(model: ReformerLM, prompt: Iterable[int] | torch.Tensor, max_new_to
         logits = decoder.prefill(ids) if cached else model(ids)[:, -1]
     new: list[int] = []
     for _ in range(max_new_tokens):
+        recent = torch.cat([ids[0], torch.tensor(new, dtype=torch.long, device=device)])[-penalty_window:]
+        logits = penalise_repeats(logits, recent[None], repetition_penalty)
         token = sample(logits, generator, temperature, top_k, top_p)
         new.append(int(token))
         if on_token is not None:

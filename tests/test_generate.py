@@ -124,3 +124,30 @@ def test_a_repetition_penalty_breaks_a_loop_on_one_byte():
     assert penalised[:3] == [5, 7, 5] and 7 in penalised[3:]
     with pytest.raises(ValueError, match="repetition_penalty"):
         generate(model, [1], 2, repetition_penalty=0.5)
+
+
+@pytest.mark.parametrize("name", ["lsh", "mixed"])
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_a_batch_of_prompts_of_different_lengths_decodes_as_each_alone(name, temperature):
+    from reformer.generate import generate_batch
+
+    torch.manual_seed(0)
+    model = ReformerLM(tiny(init_std=0.2, **MODELS[name])).eval()
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 64, (n,), generator=gen).tolist() for n in (3, 17, 40)]
+    batched = generate_batch(model, prompts, 12, temperature=temperature, seed=5, stop=[63])
+    alone = [generate(model, p, 12, temperature=temperature, seed=5 + i, stop=[63]) for i, p in enumerate(prompts)]
+    assert batched == alone
+    assert all(1 <= len(new) <= 12 for new in batched)
+
+
+def test_batched_generation_checks_its_prompts():
+    from reformer.generate import generate_batch
+
+    model = ReformerLM(tiny()).eval()
+    for prompts, message in (([], "non-empty"), ([[1], []], "non-empty"), ([[1, 99]], "vocab_size"),
+                             ([[1] * 256], "shorter than max_seq_len")):
+        with pytest.raises(ValueError, match=message):
+            generate_batch(model, prompts, 4)
+    with pytest.raises(ValueError, match="top_p"):
+        generate_batch(model, [[1]], 4, top_p=0.0)

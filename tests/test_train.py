@@ -364,3 +364,17 @@ def test_resume_applies_what_may_change_and_refuses_the_rest(corpus_file, tmp_pa
     assert json.loads((run / "train.json").read_text())["steps"] == 4
     assert {"step": 2, "event": "resume", "changed": {"steps": 4, "eval_every": 1}} in records
     assert [r["step"] for r in records if "valid_bpb" in r] == [2, 3, 4]
+
+
+def test_tensorboard_mirrors_the_metrics(corpus_file, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    records = train(tmp_path, ReformerConfig.preset("tiny"),
+                    TrainConfig(data=str(corpus_file), steps=4, batch_size=2, seq_len=32, eval_every=2),
+                    progress=False, tensorboard=True)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    loss = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert loss == pytest.approx({r["step"]: r["loss"] for r in records if "loss" in r}, rel=1e-6)
+    assert [e.step for e in events.Scalars("valid/bpb")] == [2, 4]

@@ -99,6 +99,8 @@ def _add_train(sub) -> None:
                    "--print-config writes it); flags override it")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors and the final line")
+    p.add_argument("--tensorboard", action="store_true", help="also write the metrics as TensorBoard scalars to "
+                   "RUN_DIR/tensorboard (needs: pip install tensorboard); metrics.jsonl stays the record")
     _add_device(p)
     # Every TrainConfig field is a flag; None (not given) leaves the preset's (or the field's) default.
     training = p.add_argument_group("training (TrainConfig; defaults of the 'small' preset)")
@@ -186,7 +188,7 @@ def cmd_train(args) -> int:
                 raise UsageError(f"{args.resume} is not a run folder (no config.json in it)")
             run_dir = Path(args.resume)
             records = train(run_dir, resume=True, progress=progress, changes=_given_training(args),
-                            device=args.device)
+                            device=args.device, tensorboard=args.tensorboard)
         else:
             run_dir = Path(args.run_dir or DEFAULT_RUN_DIR)
             model_base, train_base = _read_config_file(args.config) if args.config else ({}, {})
@@ -200,7 +202,7 @@ def cmd_train(args) -> int:
                                  indent=2))
                 return 0
             records = train(run_dir, model_config, train_config, progress=progress, overwrite=args.overwrite,
-                            device=args.device)
+                            device=args.device, tensorboard=args.tensorboard)
     except Interrupted as stop:
         print(stop, file=sys.stderr)
         return 130

@@ -1,4 +1,6 @@
-"""Incremental decoding with a per-layer cache, and sampling (temperature, top-k, top-p, seed, stop bytes).
+"""Incremental decoding with a per-layer cache, one prompt (``generate``) or a batch of prompts of any
+lengths (``generate_batch``); sampling (sampling.py: temperature, top-k, top-p, repetition penalty) from a
+seed, stop bytes.
 
 Each attention layer keeps what later positions need from earlier ones:
 - LSH ("bucket" window): normalised keys, values and the bucket of every position in every round.
@@ -15,7 +17,7 @@ later tokens) cannot be cached exactly; they decode by full forwards.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,7 @@ from .ops import backend
 from .ops.hashing import hash_vectors, hashing_vectors, total_buckets
 from .ops.keys import key_scale
 from .ops.layout import split_heads
+from .sampling import check_sampling, penalise_repeats, sample
 
 
 class _Growing:
@@ -316,33 +319,6 @@ class Decoder:
         return torch.addmm(self.head[0], self.final_norm(torch.cat([x1, x2], dim=-1)), self.head[1])
 
 
-def penalise_repeats(logits: torch.Tensor, recent: torch.Tensor, penalty: float) -> torch.Tensor:
-    """The repetition penalty of CTRL (Keskar et al., 2019): the logit of every token among ``recent``
-    (batch, n) ids divided by ``penalty`` where positive, multiplied where negative. logits (batch, vocab)."""
-    if penalty == 1.0 or recent.shape[-1] == 0:
-        return logits
-    seen = logits.gather(-1, recent)
-    return logits.scatter(-1, recent, torch.where(seen > 0, seen / penalty, seen * penalty))
-
-
-def sample(logits: torch.Tensor, generator: torch.Generator, temperature: float = 1.0,
-           top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """Draw one token per row of logits (batch, vocab). temperature 0 = greedy."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p   # keep the smallest set reaching p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
-
-
 def generate(model: ReformerLM, prompt: Iterable[int] | torch.Tensor, max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, stop: Iterable[int] = (), use_cache: bool = True,
@@ -355,19 +331,10 @@ def generate(model: ReformerLM, prompt: Iterable[int] | torch.Tensor, max_new_to
     ``repetition_penalty`` > 1 makes the tokens among the last ``penalty_window`` less likely
     (penalise_repeats): a short-trained byte model otherwise loops on its likeliest byte (spaces).
     """
-    if not math.isfinite(repetition_penalty) or repetition_penalty < 1:
-        raise ValueError(f"repetition_penalty must be a finite number >= 1, got {repetition_penalty}")
-    if penalty_window < 1:
-        raise ValueError(f"penalty_window must be >= 1, got {penalty_window}")
+    check_sampling(temperature, top_k, top_p, repetition_penalty, penalty_window)
     if not model.config.causal:
         raise ValueError("generation needs a causal model; this one is a bidirectional encoder "
                          "(config.causal=False)")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     device = next(model.parameters()).device
     ids = torch.as_tensor(list(prompt) if not isinstance(prompt, torch.Tensor) else prompt,
                           dtype=torch.long, device=device).reshape(1, -1)
@@ -397,4 +364,55 @@ def generate(model: ReformerLM, prompt: Iterable[int] | torch.Tensor, max_new_to
             else:
                 context = torch.cat([ids, torch.tensor([new], device=device)], dim=1)
                 logits = model(context)[:, -1]
+    return new
+
+
+def generate_batch(model: ReformerLM, prompts: Sequence[Iterable[int]], max_new_tokens: int,
+                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                   stop: Iterable[int] = (), repetition_penalty: float = 1.0,
+                   penalty_window: int = 32) -> list[list[int]]:
+    """Continue each of a batch of prompts, of any lengths, by up to ``max_new_tokens``: one cached decoder
+    for the whole batch. Returns each prompt's new tokens.
+
+    Every row moves one position per step: a row still inside its prompt is fed its next prompt token (the
+    logits it gets there are not sampled), the others their last sample, so each row sees exactly the
+    context it would see alone. Row i samples with a generator of its own seeded ``seed + i``: its tokens
+    are those of ``generate(model, prompts[i], seed=seed + i, ...)`` wherever the batched products round
+    alike. A row stops at a ``stop`` token, after max_new_tokens, or at max_seq_len.
+    """
+    rows = [list(p.tolist() if isinstance(p, torch.Tensor) else p) for p in prompts]
+    if not rows or any(not row for row in rows):
+        raise ValueError("prompts must be a non-empty list of non-empty token sequences")
+    if not can_cache(model):
+        raise ValueError("batched generation needs cached decoding: a causal model with lsh_window='bucket'")
+    check_sampling(temperature, top_k, top_p, repetition_penalty, penalty_window)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    limit = model.config.max_seq_len
+    if max(map(len, rows)) >= limit:
+        raise ValueError(f"every prompt must be shorter than max_seq_len ({limit})")
+    device = next(model.parameters()).device
+    for row in rows:
+        model.check_inputs(torch.tensor([row], dtype=torch.long, device=device))
+    stop, shortest = set(stop), min(map(len, rows))
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(rows))]
+    new: list[list[int]] = [[] for _ in rows]
+    done = [False] * len(rows)
+    decoder = Decoder(model)
+    logits = decoder.prefill(torch.tensor([row[:shortest] for row in rows], dtype=torch.long, device=device))
+    for position in range(shortest, limit):
+        tokens = []
+        for i, row in enumerate(rows):
+            if position < len(row) or done[i]:   # inside the prompt, or finished: fed, not sampled
+                tokens.append(row[position] if position < len(row) else (new[i] or row)[-1])
+                continue
+            recent = torch.tensor((row + new[i])[-penalty_window:], dtype=torch.long, device=device)
+            penalised = penalise_repeats(logits[i:i + 1], recent[None], repetition_penalty)
+            token = int(sample(penalised, generators[i], temperature, top_k, top_p))
+            new[i].append(token)
+            done[i] = token in stop or len(new[i]) >= max_new_tokens or len(row) + len(new[i]) >= limit
+            tokens.append(token)
+        if all(done):
+            break
+        logits = decoder.step(torch.tensor(tokens, dtype=torch.long, device=device))
     return new

@@ -336,7 +336,7 @@ def _all_finite(model: nn.Module) -> bool:
 def train(run_dir: str | os.PathLike, model_config: ReformerConfig | None = None,
           train_config: TrainConfig | None = None, resume: bool = False, progress: str | bool = "auto",
           changes: dict[str, Any] | None = None, overwrite: bool = False, device: str = "auto",
-          log=None) -> list[dict[str, Any]]:
+          log=None, tensorboard: bool = False) -> list[dict[str, Any]]:
     """Train (or resume) the run in ``run_dir``; return its metrics records.
 
     New run: ``model_config`` and ``train_config`` are required and written to the folder, which must be
@@ -344,7 +344,8 @@ def train(run_dir: str | os.PathLike, model_config: ReformerConfig | None = None
     RESUMABLE (more steps, other cadences), recorded in train.json and metrics.jsonl. One process trains a
     folder at a time (files.FolderLock). ``progress``: "auto", "bar", "plain", "quiet" (or True / False).
     Raises Diverged when the loss or gradient norm stops being finite, Interrupted after Ctrl-C; both
-    leave a checkpoint to resume from.
+    leave a checkpoint to resume from. ``tensorboard``: also write the metrics as TensorBoard scalars to
+    RUN/tensorboard (needs the tensorboard package).
     """
     run_dir = Path(run_dir).absolute()
     env = Distributed.from_environment(device)
@@ -360,14 +361,14 @@ def train(run_dir: str | os.PathLike, model_config: ReformerConfig | None = None
             if env.main:
                 _clear_run_dir(run_dir, overwrite)
             cfg, weights, state = _absolute_data(train_config), None, None
-        return _train(run_dir, model_config, cfg, weights, state, changes, env, mode, log)
+        return _train(run_dir, model_config, cfg, weights, state, changes, env, mode, log, tensorboard)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _train(run_dir: Path, model_config: ReformerConfig, cfg: TrainConfig, weights, state, changes, env: Distributed,
-           mode: str, log) -> list[dict[str, Any]]:
+           mode: str, log, tensorboard: bool) -> list[dict[str, Any]]:
     if cfg.seq_len > model_config.max_seq_len:
         raise ValueError(f"TrainConfig.seq_len ({cfg.seq_len}) exceeds the model's max_seq_len "
                          f"({model_config.max_seq_len})")
@@ -396,7 +397,8 @@ def _train(run_dir: Path, model_config: ReformerConfig, cfg: TrainConfig, weight
         if state is None:
             write_atomically(run_dir / "config.json", model_config.to_json())
         write_atomically(run_dir / "train.json", json.dumps(dataclasses.asdict(cfg), indent=2))
-        metrics = MetricsLog(run_dir / "metrics.jsonl", start if state is not None else None)
+        metrics = MetricsLog(run_dir / "metrics.jsonl", start if state is not None else None,
+                             run_dir / "tensorboard" if tensorboard else None)
         if state is not None:
             metrics.write({"step": start, "event": "resume", "changed": changes})
     ddp = nn.parallel.DistributedDataParallel(model) if env.world > 1 else model
@@ -476,6 +478,8 @@ def _train(run_dir: Path, model_config: ReformerConfig, cfg: TrainConfig, weight
                                       f"{run_dir}", done)
         finally:
             report.close()
+            if metrics is not None:
+                metrics.close()
     return metrics.records() if metrics is not None else []
 
 

@@ -35,15 +35,29 @@ def _complete_records(path: Path, last_step: int) -> list[str]:
     return kept
 
 
-class MetricsLog:
-    """metrics.jsonl of a run: a new file for a new run; cut to ``resume_step`` for a resumed one."""
+def tensorboard_writer(folder: Path, resume_step: int | None):
+    """A TensorBoard SummaryWriter on ``folder``; on a resume, events after ``resume_step`` are purged (they
+    are trained again). Needs the tensorboard package (an optional dependency)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise ValueError("TensorBoard logging needs the tensorboard package: pip install tensorboard "
+                         "(or pip install 'reformer[tensorboard]')") from error
+    return SummaryWriter(str(folder), purge_step=None if resume_step is None else resume_step + 1)
 
-    def __init__(self, path: Path, resume_step: int | None):
+
+class MetricsLog:
+    """metrics.jsonl of a run: a new file for a new run; cut to ``resume_step`` for a resumed one. With a
+    ``tensorboard`` folder, every number is also a TensorBoard scalar (train/loss, valid/bpb, ...):
+    metrics.jsonl stays the record."""
+
+    def __init__(self, path: Path, resume_step: int | None, tensorboard: Path | None = None):
         self.path = path
         if resume_step is None:
             path.unlink(missing_ok=True)
         elif path.exists():
             write_atomically(path, "".join(line + "\n" for line in _complete_records(path, resume_step)))
+        self.writer = None if tensorboard is None else tensorboard_writer(tensorboard, resume_step)
 
     def write(self, record: dict[str, Any]) -> None:
         line = (json.dumps(record) + "\n").encode()
@@ -56,6 +70,16 @@ class MetricsLog:
             except OSError as error:
                 f.truncate(start)
                 raise CheckpointError(f"could not append to {self.path} ({error.strerror or error})") from error
+        if self.writer is not None and "event" not in record:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    tag = f"valid/{key[len('valid_'):]}" if key.startswith("valid_") else f"train/{key}"
+                    self.writer.add_scalar(tag, value, record["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
     def records(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]

@@ -128,6 +128,7 @@ def test_kills_at_random_moments_lose_nothing(corpus, reference, tmp_path):
     assert not [p for p in run.rglob(".*") if p.name != ".lock"], "temporary files left behind"
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_the_step_and_resume_continues(corpus, reference, tmp_path):
     run = tmp_path / "run"
     proc = start(*train_args(corpus, run, every=100))
@@ -144,6 +145,7 @@ def test_ctrl_c_saves_the_step_and_resume_continues(corpus, reference, tmp_path)
     assert losses(run) == reference
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused(corpus, tmp_path):
     run = tmp_path / "run"
     first = start(*train_args(corpus, run, steps=100_000, every=1000))

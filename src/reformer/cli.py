@@ -20,7 +20,7 @@ from .ops import memory
 from .ops.backend import ATTENTION_BACKENDS
 from .training.checkpoint import CheckpointError, is_run_dir
 from .training.data import DataError
-from .training.loop import RESUMABLE, TrainConfig
+from .training.loop import RESUMABLE, TrainConfig, flag_name
 from .version import __version__
 
 DEFAULT_RUN_DIR = "runs/default"
@@ -93,7 +93,7 @@ def _add_train(sub) -> None:
                        "current step with a checkpoint (exit status 130); --resume continues.")
     p.add_argument("--run-dir", default=None, help=f"output folder (default: {DEFAULT_RUN_DIR})")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint; "
-                   f"only {', '.join('--' + n.replace('_', '-') for n in RESUMABLE)} may change")
+                   f"only {', '.join(map(flag_name, RESUMABLE))} may change")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --run-dir")
     p.add_argument("--config", metavar="FILE", help="a JSON file of {\"model\": {...}, \"train\": {...}} (as "
                    "--print-config writes it); flags override it")
@@ -105,7 +105,7 @@ def _add_train(sub) -> None:
     # Every TrainConfig field is a flag; None (not given) leaves the preset's (or the field's) default.
     training = p.add_argument_group("training (TrainConfig; defaults of the 'small' preset)")
     for f in dataclasses.fields(TrainConfig):
-        flag, help_text = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (default: {f.default})"
+        flag, help_text = flag_name(f.name), f"{f.metadata['help']} (default: {f.default})"
         if f.type in ("bool", bool):
             training.add_argument(flag, action="store_true", default=None, help=help_text)
         else:
@@ -182,7 +182,7 @@ def cmd_train(args) -> int:
             given_model = [name for name in MODEL_FLAGS if getattr(args, name) is not None]
             if given_model or args.no_reversible or args.config or args.overwrite or args.run_dir:
                 raise UsageError("a resume continues the run as it was: only "
-                                 f"{', '.join('--' + n.replace('_', '-') for n in RESUMABLE)} may be given with "
+                                 f"{', '.join(map(flag_name, RESUMABLE))} may be given with "
                                  "--resume")
             if not is_run_dir(Path(args.resume)):
                 raise UsageError(f"{args.resume} is not a run folder (no config.json in it)")
@@ -231,8 +231,8 @@ def cmd_eval(args) -> int:
     if seq_len > model.config.max_seq_len:
         raise UsageError(f"--seq-len {seq_len} exceeds the model's max_seq_len ({model.config.max_seq_len})")
     # By default the windows training validated on: its number is the one training logged last.
-    batch_size = args.batch_size or train_json.get("eval_batch_size", 8)
-    batches = args.batches or train_json.get("eval_batches", 8)
+    batch_size = args.batch_size or train_json.get("eval_batch_size", TrainConfig.eval_batch_size)
+    batches = args.batches or train_json.get("eval_batches", TrainConfig.eval_batches)
     corpus = Corpus.open(data, train_json.get("glob", "**/*"))
     result = evaluate(model, corpus, args.split, seq_len, batch_size, batches,
                       next(model.parameters()).device, n_hashes=args.n_hashes)

@@ -350,8 +350,9 @@ def generate(model: ReformerLM, prompt: Iterable[int] | torch.Tensor, max_new_to
         logits = decoder.prefill(ids) if cached else model(ids)[:, -1]
     new: list[int] = []
     for _ in range(max_new_tokens):
-        recent = torch.cat([ids[0], torch.tensor(new, dtype=torch.long, device=device)])[-penalty_window:]
-        logits = penalise_repeats(logits, recent[None], repetition_penalty)
+        if repetition_penalty != 1.0:   # no tensor of recent tokens per step unless it is used
+            recent = torch.cat([ids[0], torch.tensor(new, dtype=torch.long, device=device)])[-penalty_window:]
+            logits = penalise_repeats(logits, recent[None], repetition_penalty)
         token = sample(logits, generator, temperature, top_k, top_p)
         new.append(int(token))
         if on_token is not None:
@@ -406,9 +407,11 @@ def generate_batch(model: ReformerLM, prompts: Sequence[Iterable[int]], max_new_
             if position < len(row) or done[i]:   # inside the prompt, or finished: fed, not sampled
                 tokens.append(row[position] if position < len(row) else (new[i] or row)[-1])
                 continue
-            recent = torch.tensor((row + new[i])[-penalty_window:], dtype=torch.long, device=device)
-            penalised = penalise_repeats(logits[i:i + 1], recent[None], repetition_penalty)
-            token = int(sample(penalised, generators[i], temperature, top_k, top_p))
+            row_logits = logits[i:i + 1]
+            if repetition_penalty != 1.0:
+                recent = torch.tensor((row + new[i])[-penalty_window:], dtype=torch.long, device=device)
+                row_logits = penalise_repeats(row_logits, recent[None], repetition_penalty)
+            token = int(sample(row_logits, generators[i], temperature, top_k, top_p))
             new[i].append(token)
             done[i] = token in stop or len(new[i]) >= max_new_tokens or len(row) + len(new[i]) >= limit
             tokens.append(token)

@@ -227,6 +227,11 @@ def evaluate(model: ReformerLM, corpus: Corpus, split: str, seq_len: int, batch_
 RESUMABLE = ("steps", "eval_every", "checkpoint_every")   # what a resume may change
 
 
+def flag_name(field_name: str) -> str:
+    """The command-line flag of a TrainConfig field: batch_size -> --batch-size."""
+    return "--" + field_name.replace("_", "-")
+
+
 class TrainingStopped(RuntimeError):
     """Training stopped before its last step; ``step`` is the last step whose checkpoint holds."""
 
@@ -285,13 +290,10 @@ def _resumed_configs(run_dir: Path, changes: dict[str, Any]):
         if differ:
             raise ckpt.CheckpointError(f"{run_dir / 'train.json'} does not match the checkpoint's training "
                                        f"configuration ({', '.join(differ)} differ): it was edited")
-    def flag(name: str) -> str:
-        return "--" + name.replace("_", "-")
-
-    refused = [f"{flag(k)} {v} (the run's: {recorded.get(k)})" for k, v in changes.items()
+    refused = [f"{flag_name(k)} {v} (the run's: {recorded.get(k)})" for k, v in changes.items()
                if k not in RESUMABLE and v != recorded.get(k)]
     if refused:
-        raise ValueError(f"a resume may change only {', '.join(map(flag, RESUMABLE))}; not {'; '.join(refused)}. "
+        raise ValueError(f"a resume may change only {', '.join(map(flag_name, RESUMABLE))}; not {'; '.join(refused)}. "
                          "Start a new run to train otherwise")
     changes = {k: v for k, v in changes.items() if k in RESUMABLE}
     done = int(state["step"])

@@ -11,7 +11,7 @@ import torch
 from helpers import full_shared_qk_attention
 from reformer import LSHSelfAttention, ReformerConfig, ReformerLM
 from reformer.experiments import lm_parity
-from reformer.experiments.duplication import duplication_batch
+from reformer.experiments.duplication import DuplicationSettings, duplication_batch, model_config, with_attention
 from reformer.experiments.report import full_attention_overrides, same_weights
 
 
@@ -92,6 +92,23 @@ def test_duplication_batches_are_two_copies():
     assert (batch[:, 0] == 0).all() and (batch[:, 10] == 0).all()
     assert torch.equal(batch[:, :10], batch[:, 10:])
     assert batch[:, 1:10].min() >= 1 and batch[:, 1:10].max() <= 7
+
+
+def test_local_duplication_mode_cannot_see_the_first_copy():
+    # The baseline of the duplication table: one bucket and the LSH chunk, so a position sees its own
+    # chunk and the one before it. Rewriting the first copy must leave every logit from two chunks
+    # past it unchanged, while full attention with the same weights does see the change.
+    settings = DuplicationSettings(length=64, chunk_length=8, train_modes=("local",), eval_modes=("local", "full"))
+    torch.manual_seed(0)
+    model = ReformerLM(model_config(settings, "local")).eval()
+    batch = duplication_batch(2, 64, 127, torch.Generator().manual_seed(0))
+    changed = batch.clone()
+    changed[:, 1:32] = torch.randint(1, 128, (2, 31), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        local = with_attention(model, settings, "local")
+        full = with_attention(model, settings, "full")
+        torch.testing.assert_close(local(changed)[:, 40:], local(batch)[:, 40:], atol=1e-6, rtol=1e-6)
+        assert not torch.allclose(full(changed)[:, 40:], full(batch)[:, 40:], atol=1e-3)
 
 
 @pytest.mark.parametrize("length", [50, 64])

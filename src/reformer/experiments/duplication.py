@@ -7,7 +7,10 @@ of 1, 2, 4 and 8 rounds. Predicting the second copy needs attention to exactly o
 (token t of the second copy sits half a sequence back), which is what LSH has to find.
 
 "Full attention" here is the LSH layer itself with one bucket and one chunk spanning the sequence:
-shared-QK full attention with the same weights, so every model can be evaluated in every mode.
+shared-QK full attention with the same weights, so every model can be evaluated in every mode. "Local"
+is the same layer with one bucket and the LSH chunk: each position sees the previous chunk_length to
+2 * chunk_length positions, never the first copy, so a local model is the baseline that cannot solve
+the task (chance is 1 / n_symbols).
 """
 
 from __future__ import annotations
@@ -28,12 +31,13 @@ from ..plotting import pyplot, save_figure
 from ..training.loop import TrainConfig, build_optimizer, lr_factor, lsh_layers
 from .report import Report, full_attention_overrides, markdown_table, same_weights
 
-FULL = "full"
+FULL, LOCAL = "full", "local"
+NAMED_MODES = (FULL, LOCAL)
 
 
 @dataclass
 class DuplicationSettings:
-    """The task and the training budget. ``train_modes`` and ``eval_modes``: "full" or LSH rounds."""
+    """The task and the training budget. ``train_modes`` and ``eval_modes``: "full", "local" or LSH rounds."""
 
     length: int = 256
     n_symbols: int = 127
@@ -53,8 +57,8 @@ class DuplicationSettings:
         if self.length % self.chunk_length:
             raise ValueError(f"length ({self.length}) must be a multiple of chunk_length ({self.chunk_length})")
         for mode in (*self.train_modes, *self.eval_modes):
-            if mode != FULL and (isinstance(mode, bool) or not isinstance(mode, int) or mode < 1):
-                raise ValueError(f"train_modes and eval_modes hold 'full' or a number of rounds >= 1, "
+            if mode not in NAMED_MODES and (isinstance(mode, bool) or not isinstance(mode, int) or mode < 1):
+                raise ValueError(f"train_modes and eval_modes hold 'full', 'local' or a number of rounds >= 1, "
                                  f"got {mode!r}")
 
 
@@ -63,7 +67,7 @@ QUICK = DuplicationSettings(length=64, chunk_length=8, steps=150, batch_size=16,
 
 
 def mode_name(mode) -> str:
-    return "Full" if mode == FULL else f"LSH-{mode}"
+    return {FULL: "Full", LOCAL: "Local"}.get(mode) or f"LSH-{mode}"
 
 
 def duplication_batch(n: int, length: int, n_symbols: int, generator: torch.Generator) -> torch.Tensor:
@@ -74,9 +78,14 @@ def duplication_batch(n: int, length: int, n_symbols: int, generator: torch.Gene
 
 
 def model_config(settings: DuplicationSettings, mode, hash_seed: int = 0) -> ReformerConfig:
-    """The paper's 1-layer model, with full attention (one bucket, one chunk) or LSH of ``mode`` rounds."""
-    attention = full_attention_overrides(settings.length) if mode == FULL else \
-        dict(chunk_length=settings.chunk_length, n_hashes=mode)
+    """The paper's 1-layer model, with full attention (one bucket, one chunk), local attention (one
+    bucket, the LSH chunk) or LSH of ``mode`` rounds."""
+    if mode == FULL:
+        attention = full_attention_overrides(settings.length)
+    elif mode == LOCAL:
+        attention = dict(chunk_length=settings.chunk_length, n_hashes=1, n_buckets=1)
+    else:
+        attention = dict(chunk_length=settings.chunk_length, n_hashes=mode)
     return ReformerConfig.preset("duplication", vocab_size=settings.n_symbols + 1, d_ff=256,
                                  max_seq_len=settings.length, hash_seed=hash_seed, **attention)
 

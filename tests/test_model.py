@@ -227,3 +227,52 @@ def test_masked_lm_loss_needs_labels_and_ignores_minus_100():
     logits = model(x)
     expected = torch.nn.functional.cross_entropy(logits[:, 3], x[:, 3])
     torch.testing.assert_close(model.loss(x, labels=labels), expected)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_chunked_head_loss_equals_whole_head_in_value_and_gradients(causal):
+    """head_chunk_size computes the head and loss in pieces (no length x vocab logits); the loss and every
+    gradient must equal the whole head's, with a padding mask and a chunk that does not divide the length."""
+    torch.manual_seed(0)
+    whole = build(causal=causal, dropout=0.0)
+    chunked = build(causal=causal, dropout=0.0, head_chunk_size=7)
+    chunked.load_state_dict(whole.state_dict())
+    x = torch.randint(0, 64, (2, 50))
+    mask = torch.ones_like(x)
+    mask[1, 41:] = 0
+    labels = None if causal else torch.where(torch.rand(x.shape) < 0.3, x, -100)
+    losses = []
+    for model in (whole, chunked):
+        loss = model.loss(x, attention_mask=mask, labels=labels)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-6)
+    for (name, p), q in zip(whole.named_parameters(), chunked.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
+    # Without gradients (evaluation) the chunks give the same value.
+    with torch.no_grad():
+        torch.testing.assert_close(chunked.loss(x, attention_mask=mask, labels=labels), losses[0].detach(),
+                                   atol=1e-6, rtol=1e-6)
+
+
+def test_forward_with_labels_is_the_loss():
+    """model(ids, labels=ids) is model.loss(ids): the training loop calls it through DDP's forward."""
+    model = build(head_chunk_size=16)
+    x = torch.randint(0, 64, (2, 40))
+    torch.testing.assert_close(model(x, labels=x), model.loss(x))
+    with pytest.raises(ValueError, match="labels"):
+        model(x, labels=x[:, :5])
+
+
+def test_backward_leaves_the_hidden_states_it_returned_alone():
+    """The stack's backward rebuilds its blocks in the memory of its outputs only where the model keeps them
+    private (loss, logits); halves handed to the caller by hidden_states stay as they were."""
+    model = build(n_layers=2).train()
+    x = torch.randint(0, 64, (2, 48))
+    y1, y2 = model.hidden_states(x)
+    before = y1.detach().clone(), y2.detach().clone()
+    grad = torch.randn_like(y1)
+    grad_before = grad.clone()
+    torch.autograd.backward([y1, y2], [grad, grad])
+    assert torch.equal(y1.detach(), before[0]) and torch.equal(y2.detach(), before[1])
+    assert torch.equal(grad, grad_before) and all(p.grad is not None for p in model.stack.parameters())

@@ -60,7 +60,7 @@ def test_the_rotations_and_the_reversible_stack_pass_opcheck():
     model = ReformerLM(ReformerConfig.preset("tiny")).double().eval()
     x1, x2 = (torch.randn(2, 64, 32, dtype=torch.float64, requires_grad=True) for _ in range(2))
     stack = model.stack
-    args = (x1, x2, None, stack.trained_parameters(), stack.number(), None, False, torch.bfloat16)
+    args = (x1, x2, None, stack.trained_parameters(), stack.number(), None, False, torch.bfloat16, False)
     assert set(opcheck(reversible.reversible_forward, args).values()) == {"SUCCESS"}
 
 

@@ -117,6 +117,8 @@ class ReformerConfig:
     Layers
         reversible: reversible residual stack (activations stored once) or plain autograd.
         ff_chunk_size: positions per feed-forward chunk (0 = the whole sequence at once).
+        head_chunk_size: positions per chunk of the vocabulary head and its loss in ReformerLM.loss
+            (0 = the whole sequence at once): the (length, vocab_size) logits then never exist whole.
         position_embedding: "axial", "learned" or "none".
         axial_shape: factors of the axial embedding, their product >= max_seq_len; None picks two
             factors near sqrt(max_seq_len).
@@ -151,6 +153,7 @@ class ReformerConfig:
     attention_backend: str = "auto"
     reversible: bool = True
     ff_chunk_size: int = 0
+    head_chunk_size: int = 0
     position_embedding: str = "axial"
     axial_shape: Sequence[int] | None = None
     axial_dims: Sequence[int] | None = None
@@ -168,6 +171,7 @@ class ReformerConfig:
             _check_int(name, getattr(self, name), 1)
         _check_int("n_chunks_before", self.n_chunks_before, 0)
         _check_int("ff_chunk_size", self.ff_chunk_size, 0)
+        _check_int("head_chunk_size", self.head_chunk_size, 0)
         _check_int("hash_seed", self.hash_seed, 0)
         if self.hash_seed >= SEED_LIMIT:
             raise _fail("hash_seed", "an int in [0, 2^63)", self.hash_seed)

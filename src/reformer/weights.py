@@ -23,7 +23,7 @@ from .config import ReformerConfig
 from .files import write_atomically
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
-RUNTIME_FIELDS = ("attention_backend",)   # how it runs, not what it computes
+RUNTIME_FIELDS = ("attention_backend", "head_chunk_size")   # how it runs, not what it computes
 
 
 class WeightsError(ValueError):

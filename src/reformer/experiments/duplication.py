@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from ..config import ReformerConfig
-from ..nn.model import ReformerLM, next_token_loss
+from ..nn.head import next_token_loss
+from ..nn.model import ReformerLM
 from ..ops.hashing import derive_seed
 from ..plotting import pyplot, save_figure
 from ..training.loop import TrainConfig, build_optimizer, lr_factor, lsh_layers

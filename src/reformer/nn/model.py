@@ -18,22 +18,9 @@ from torch import nn
 
 from .. import weights
 from ..config import ReformerConfig
+from .head import IGNORE_INDEX, head_loss
 from .layers import position_embedding
 from .reversible import ReversibleStack
-
-IGNORE_INDEX = -100
-
-
-def token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of logits (batch, length, vocab) against labels (batch, length) at the same positions,
-    in float32; label IGNORE_INDEX (-100) is ignored."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction=reduction)
-
-
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of the logits at t against the labels at t + 1: (batch, length, vocab), (batch, length)."""
-    return token_loss(logits[:, :-1], labels[:, 1:], reduction)
 
 
 def _check_values(t: torch.Tensor, holds: torch.Tensor, message: str) -> None:
@@ -133,8 +120,23 @@ class ReformerLM(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                n_hashes: int | None = None) -> torch.Tensor:
+                n_hashes: int | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits (batch, length, vocab_size); with ``labels``, the mean cross-entropy against them as
+        ``loss`` computes it (through forward, so that a DistributedDataParallel wrapper sees the call)."""
+        if labels is not None:
+            return self.loss(input_ids, attention_mask, labels, n_hashes)
         key_valid = self.check_inputs(input_ids, attention_mask, n_hashes)
+        return self.logits(*self._hidden_states(input_ids, key_valid, n_hashes, private=True))
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      n_hashes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two halves (y1, y2) of the last block's output, each (batch, length, d_model)."""
+        return self._hidden_states(input_ids, self.check_inputs(input_ids, attention_mask, n_hashes), n_hashes)
+
+    def _hidden_states(self, input_ids: torch.Tensor, key_valid: torch.Tensor | None, n_hashes: int | None,
+                       private: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``private``: the halves go to the head only, never to the caller, so the stack's backward may
+        rebuild its blocks in their memory (ReversibleStack.forward's reuse_outputs)."""
         input_ids = input_ids.long()   # any integer dtype (uint8 bytes, int32) indexes the embedding
         cfg = self.config
         length = input_ids.shape[1]
@@ -147,8 +149,10 @@ class ReformerLM(nn.Module):
             key_valid = F.pad(key_valid, (0, extra), value=False)
 
         x = self.embed(input_ids, torch.arange(input_ids.shape[1], device=input_ids.device))
-        y1, y2 = self.stack(x, x, key_valid, n_hashes)
-        return self.logits(y1[:, :length], y2[:, :length])
+        y1, y2 = self.stack(x, x, key_valid, n_hashes, reuse_outputs=private)
+        if length == y1.shape[1]:
+            return y1, y2
+        return y1[:, :length], y2[:, :length]
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Token plus position embeddings: (batch, length) ids at (length,) positions -> (batch, length, d)."""
@@ -160,8 +164,18 @@ class ReformerLM(nn.Module):
 
     def logits(self, y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits from the two halves of the last block: (batch, length, vocab_size)."""
-        hidden = F.dropout(self.norm(torch.cat([y1, y2], dim=-1)), self.config.dropout, self.training)
-        return self.head(hidden)
+        return self._head(y1, y2, *self._head_parameters())
+
+    def _head_parameters(self) -> list[torch.Tensor]:
+        return [self.norm.weight, self.norm.bias, self.head.weight, self.head.bias]
+
+    def _head(self, y1: torch.Tensor, y2: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+              head_weight: torch.Tensor, head_bias: torch.Tensor) -> torch.Tensor:
+        """LayerNorm -> dropout -> head on cat(y1, y2), with the given parameters (head.head_loss passes
+        detached copies of the module's own)."""
+        hidden = F.layer_norm(torch.cat([y1, y2], dim=-1), (2 * self.config.d_model,), norm_weight, norm_bias,
+                              self.config.layer_norm_eps)
+        return F.linear(F.dropout(hidden, self.config.dropout, self.training), head_weight, head_bias)
 
     def loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              labels: torch.Tensor | None = None, n_hashes: int | None = None) -> torch.Tensor:
@@ -169,9 +183,10 @@ class ReformerLM(nn.Module):
 
         Causal models: next-token prediction, logits at t against ``labels`` (default ``input_ids``) at
         t + 1. Encoders: masked-LM, logits at t against ``labels`` at t, which is required; label -100
-        is ignored. Positions masked out by ``attention_mask`` never count as targets.
+        is ignored. Positions masked out by ``attention_mask`` never count as targets. With
+        ``config.head_chunk_size`` the head and loss run that many positions at a time (head.py).
         """
-        logits = self(input_ids, attention_mask, n_hashes)
+        key_valid = self.check_inputs(input_ids, attention_mask, n_hashes)
         if labels is None:
             if not self.config.causal:
                 raise ValueError("labels are required for the masked-LM loss of a non-causal model")
@@ -185,14 +200,15 @@ class ReformerLM(nn.Module):
         vocab = self.config.vocab_size
         _check_values(labels, ((labels >= 0) & (labels < vocab)) | (labels == IGNORE_INDEX),
                       f"labels must lie in [0, vocab_size={vocab}) or be {IGNORE_INDEX} (ignored)")
-        if attention_mask is not None:   # already validated by the forward pass above
-            labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        if key_valid is not None:
+            labels = labels.masked_fill(~key_valid, IGNORE_INDEX)
         if self.config.causal:
             if input_ids.shape[1] < 2:
                 raise ValueError("next-token loss needs sequences of at least 2 tokens")
-            labels = labels[:, 1:]
-            logits = logits[:, :-1]
+            # The target of position t is the label at t + 1; the last position has none.
+            labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         # A mean over no target is 0 / 0: refused rather than returned as NaN.
         _check_values(labels, (labels != IGNORE_INDEX).any(), "the loss has no target: every label is "
                       f"{IGNORE_INDEX} or masked out by attention_mask")
-        return token_loss(logits, labels)
+        y1, y2 = self._hidden_states(input_ids, key_valid, n_hashes, private=True)
+        return head_loss(self._head, self._head_parameters(), y1, y2, labels, self.config.head_chunk_size)

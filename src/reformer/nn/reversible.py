@@ -134,6 +134,38 @@ class RandomStates:
                     module.hash_calls.copy_(count)
 
 
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+class _SavedStorages:
+    """Saved-tensor hooks that note which storages a graph saves for its backward."""
+
+    def __init__(self):
+        self.storages: set[int] = set()
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        self.storages.add(_storage(t))
+        return t
+
+    @staticmethod
+    def unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+def _release_unsaved(out: torch.Tensor, kept: set[int]) -> None:
+    """Give back the memory of a re-run branch's output before its backward runs, where nothing holds it:
+    its value is used up (subtracted from the block's output), and a branch whose backward does not read
+    its own output (linear, dropout) has not saved it. ``kept``: the storages the backward reads (caught by
+    saved-tensor hooks) and the branch's input. Storages that cannot shrink (huge-page buffers) stay."""
+    if _storage(out) in kept:
+        return
+    try:
+        out.untyped_storage().resize_(0)
+    except RuntimeError:
+        pass
+
+
 def _stack(number: int) -> "ReversibleStack":
     stack = _STACKS.get(number)
     if stack is None:
@@ -147,10 +179,12 @@ def _autocast(device: torch.device, enabled: bool, dtype: torch.dtype):
 
 @operator
 def reversible_forward(x1: torch.Tensor, x2: torch.Tensor, key_valid: torch.Tensor | None, params: list[torch.Tensor],
-                       stack: int, n_hashes: int | None, autocast: bool, autocast_dtype: torch.dtype
+                       stack: int, n_hashes: int | None, autocast: bool, autocast_dtype: torch.dtype,
+                       reuse_outputs: bool
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The blocks of stack ``stack`` on (x1, x2) (batch, length, d_model), without a graph. Returns (y1, y2)
-    and the branches' random states (RandomStates.tensors) for the backward."""
+    and the branches' random states (RandomStates.tensors) for the backward. ``reuse_outputs``: see
+    ReversibleStack.forward (the backward reads it)."""
     module = _stack(stack)
     states = RandomStates(module, x1.device)
     with torch.no_grad(), _autocast(x1.device, autocast, autocast_dtype):
@@ -160,7 +194,7 @@ def reversible_forward(x1: torch.Tensor, x2: torch.Tensor, key_valid: torch.Tens
 
 
 @torch.library.register_fake(reversible_forward)
-def _(x1, x2, key_valid, params, stack, n_hashes, autocast, autocast_dtype):
+def _(x1, x2, key_valid, params, stack, n_hashes, autocast, autocast_dtype, reuse_outputs):
     module = _stack(stack)
     branches = 2 * len(module.blocks)
     lsh = sum(isinstance(m, LSHSelfAttention) for m in module.modules())
@@ -173,65 +207,63 @@ def _(x1, x2, key_valid, params, stack, n_hashes, autocast, autocast_dtype):
 def reversible_backward(dy1: torch.Tensor, dy2: torch.Tensor, y1: torch.Tensor, y2: torch.Tensor,
                         key_valid: torch.Tensor | None, cpu_states: torch.Tensor, cuda_states: torch.Tensor,
                         hash_calls: torch.Tensor, stack: int, n_hashes: int | None, autocast: bool,
-                        autocast_dtype: torch.dtype) -> list[torch.Tensor]:
+                        autocast_dtype: torch.dtype, reuse_outputs: bool) -> list[torch.Tensor]:
     """Gradients of reversible_forward: [dx1, dx2, *the gradients of the stack's trained parameters],
     rebuilding each block's inputs from its outputs and re-running its branches with gradients on, last
-    block first. (The parameters are the stack's own, not saved: they are alive as long as it is.)"""
+    block first. (The parameters are the stack's own, not saved: they are alive as long as it is.)
+
+    With ``reuse_outputs`` the kernel writes its results into dy1, dy2, y1 and y2, which the schema does
+    not declare: the stack sets it only outside compiled graphs (eager dispatch does not read the
+    schema's mutations), where a declared mutation would cost a compiled graph four copies."""
     module = _stack(stack)
     states = RandomStates(module, y1.device)
     params = module.trained_parameters()
     index = {id(p): i for i, p in enumerate(params)}
     param_grads: list[torch.Tensor | None] = [None] * len(index)
 
-    def recompute(branch, row, inputs, grad_out, *args, chunk_size=0):
-        """Re-run ``branch`` on ``inputs``; return its output and the gradients it passes back.
+    def recompute(branch, row, inputs, target, d_inputs, grad_out, *args, chunk_size=0):
+        """Re-run ``branch`` on ``inputs``; subtract its output from ``target`` and add the gradient it passes
+        back to its input to ``d_inputs`` (both in place), the parameters' gradients to ``param_grads``.
 
         A position-wise branch (``chunk_size`` > 0) is re-run and differentiated ``chunk_size`` positions at
         a time, in forward's order (so dropout draws the same masks): its hidden activations then never
-        exist whole in backward either."""
+        exist whole in backward either, nor does its whole output."""
         trained = [p for p in branch.parameters() if p.requires_grad]
-        if not chunk_size or inputs.shape[1] <= chunk_size:
-            pieces = [(inputs, grad_out)]
-        else:
-            pieces = list(zip(inputs.split(chunk_size, dim=1), grad_out.split(chunk_size, dim=1), strict=True))
-        outs, input_grads = [], []
+        length = inputs.shape[1]
+        step = chunk_size if chunk_size and length > chunk_size else length
         # (set_rng_state reads a tensor of its own: a row of the stacked states is cloned)
         with states.replay(cpu_states[row].clone(), cuda_states[row].clone(), hash_calls[row]):
-            for piece, piece_grad in pieces:
-                with torch.enable_grad(), _autocast(y1.device, autocast, autocast_dtype):
-                    piece = piece.detach().requires_grad_(True)
+            for start in range(0, length, step):
+                part = slice(start, start + step)
+                saved = _SavedStorages()
+                with torch.enable_grad(), _autocast(y1.device, autocast, autocast_dtype), \
+                        torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+                    piece = inputs[:, part].detach().requires_grad_(True)
                     out = branch(piece, *args)
-                grads = torch.autograd.grad(out, [piece, *trained], piece_grad, allow_unused=True)
+                target[:, part].sub_(out.detach())
+                _release_unsaved(out, saved.storages | {_storage(inputs)})
+                grads = torch.autograd.grad(out, [piece, *trained], grad_out[:, part], allow_unused=True)
                 for p, g in zip(trained, grads[1:], strict=True):
                     i = index[id(p)]
                     param_grads[i] = g if param_grads[i] is None or g is None else param_grads[i] + g
-                outs.append(out.detach())
-                input_grads.append(grads[0])
-        if len(pieces) == 1:
-            return outs[0], input_grads[0]
-        return torch.cat(outs, dim=1), torch.cat(input_grads, dim=1)
+                d_inputs[:, part].add_(grads[0])
+                del out, grads
 
-    # Names are dropped as soon as they are used up, so that while a branch is re-run only y1 or x2 and the
-    # two gradients are held besides it.
+    # Every block rebuilds its inputs and their gradients in place: x2 = y2 - G(y1), dx1 = dy1 + dG,
+    # x1 = y1 - F(x2), dx2 = dy2 + dF, in the memory of y1, y2, dy1 and dy2 where the caller gave them up
+    # (reuse_outputs), else in copies of them (the caller's are held by autograd until this returns).
+    if not reuse_outputs:
+        y1, y2, dy1, dy2 = (t.clone(memory_format=torch.contiguous_format) for t in (y1, y2, dy1, dy2))
     with torch._C._ForceDispatchKeyGuard(*_EAGER_KEYS):
         for i, block in reversed(list(enumerate(module.blocks))):
-            g_out, d_from_g = recompute(block.feed_forward, 2 * i + 1, y1, dy2,
-                                        chunk_size=block.feed_forward.chunk_size)
-            with torch.no_grad():
-                x2 = y2 - g_out
-                dy1 = dy1 + d_from_g            # total gradient reaching y1, i.e. dx1
-            del g_out, d_from_g, y2
-            f_out, d_from_f = recompute(block.attention, 2 * i, x2, dy1, key_valid, n_hashes)
-            with torch.no_grad():
-                x1 = y1 - f_out
-                dy2 = dy2 + d_from_f            # dx2
-            del f_out, d_from_f, y1
-            y1, y2 = x1, x2   # noqa: F841 (the next block's outputs; after the first block, unused)
+            recompute(block.feed_forward, 2 * i + 1, y1, y2, dy1, dy2, chunk_size=block.feed_forward.chunk_size)
+            recompute(block.attention, 2 * i, y2, y1, dy2, dy1, key_valid, n_hashes)
     return [dy1, dy2, *(torch.zeros_like(p) if g is None else g for p, g in zip(params, param_grads, strict=True))]
 
 
 @torch.library.register_fake(reversible_backward)
-def _(dy1, dy2, y1, y2, key_valid, cpu_states, cuda_states, hash_calls, stack, n_hashes, autocast, autocast_dtype):
+def _(dy1, dy2, y1, y2, key_valid, cpu_states, cuda_states, hash_calls, stack, n_hashes, autocast, autocast_dtype,
+      reuse_outputs):
     params = _stack(stack).trained_parameters()
     return [torch.empty_like(dy1), torch.empty_like(dy2),
             *(torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in params)]
@@ -251,7 +283,7 @@ def _backward(ctx, dy1, dy2, *_):
     dy1 = torch.zeros_like(y1) if dy1 is None else dy1
     dy2 = torch.zeros_like(y2) if dy2 is None else dy2
     dx1, dx2, *param_grads = reversible_backward(dy1, dy2, *ctx.saved_tensors, *ctx.options)
-    return dx1, dx2, None, param_grads, None, None, None, None
+    return dx1, dx2, None, param_grads, *(None for _ in ctx.options)   # nothing for the options
 
 
 torch.library.register_autograd(reversible_forward, _backward, setup_context=_save)
@@ -288,12 +320,19 @@ class ReversibleStack(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, key_valid: torch.Tensor | None = None,
-                n_hashes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                n_hashes: int | None = None, reuse_outputs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``reuse_outputs``: the caller promises that nothing reads y1 and y2 after its own backward, and
+        that their gradients reach the stack in tensors nothing else holds (ReformerLM's head: its
+        cross-entropy and logits are the only readers). The backward then rebuilds the blocks in their
+        memory, four (batch, length, d_model) tensors fewer at its peak. Ignored inside a compiled graph,
+        which does not see the operator write its inputs."""
         params = self.trained_parameters()
         if self.reversible and torch.is_grad_enabled() and (params or x1.requires_grad or x2.requires_grad):
             device = x1.device.type
+            reuse = reuse_outputs and not torch.compiler.is_compiling()
             y1, y2, *_ = reversible_forward(x1, x2, key_valid, params, self.number(), n_hashes,
-                                            torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+                                            torch.is_autocast_enabled(device), torch.get_autocast_dtype(device),
+                                            reuse)
             return y1, y2
         for block in self.blocks:
             x1, x2 = block(x1, x2, key_valid, n_hashes)

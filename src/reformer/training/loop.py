@@ -28,7 +28,8 @@ from torch import nn
 from ..config import ReformerConfig
 from ..files import FolderLock, write_atomically
 from ..nn.attention import LSHSelfAttention
-from ..nn.model import ReformerLM, next_token_loss
+from ..nn.head import next_token_loss
+from ..nn.model import ReformerLM
 from ..ops.hashing import SEED_LIMIT, derive_seed
 from . import checkpoint as ckpt
 from .data import VOCAB_SIZE, Corpus, DataError, eval_batches, window_batch
@@ -442,7 +443,7 @@ def _train(run_dir: Path, model_config: ReformerConfig, cfg: TrainConfig, weight
                     with (contextlib.nullcontext() if sync else ddp.no_sync()), \
                             torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                         # Through the (possibly DDP-wrapped) model's forward, so that DDP's hooks see the call.
-                        loss = next_token_loss(ddp(part), part) / cfg.accum
+                        loss = ddp(part, labels=part) / cfg.accum
                     loss.backward()
                     loss_sum += loss.item()
                 # The norm is needed to see a diverging run even when nothing is clipped (inf: no clip).

@@ -139,3 +139,37 @@ def test_a_childs_peak_memory_is_its_own_not_its_parents():
                             "print(peak_rss_mib())"], capture_output=True, text=True, check=True)
     assert float(child.stdout) < parent - 300, (child.stdout, parent)
     del ballast
+
+
+def test_recall_batches_hold_each_pair_once_and_query_it_at_the_end():
+    """Every queried key's pair token occurs once in the context, at the stated distance back, and holds that
+    key with the answer that follows the key in the query block; keys are distinct within a sequence."""
+    from reformer.experiments.long_range import LongRangeSettings, pair_token, recall_batch
+
+    settings = LongRangeSettings(train_length=512, eval_lengths=(512,), n_pairs=4, n_values=16, chunk_length=16)
+    ids, query, answer, distance = recall_batch(6, 512, settings, torch.Generator().manual_seed(0))
+    first_key, first_value = settings.n_filler, settings.n_filler + settings.n_keys
+    for row in range(6):
+        seq = ids[row].tolist()
+        keys = [seq[q] for q in query[row].tolist()]
+        assert len(set(keys)) == len(keys) and all(first_key <= k < first_value for k in keys)
+        for q, a, d in zip(query[row].tolist(), answer[row].tolist(), distance[row].tolist(), strict=True):
+            assert seq[q + 1] == a and first_value <= a < first_value + settings.n_values
+            token = int(pair_token(settings, torch.tensor(seq[q] - first_key), torch.tensor(a - first_value)))
+            assert [i for i, t in enumerate(seq) if t == token] == [q - d], (row, q)
+    with pytest.raises(ValueError, match="fewer positions"):
+        LongRangeSettings(train_length=32, eval_lengths=(32,), n_pairs=16, chunk_length=16)
+
+
+@pytest.mark.slow
+def test_long_range_quick_evaluates_every_mode_at_every_length(tmp_path):
+    out, results, readme = run_quick("long-range", tmp_path)
+    got = {(p["trained"], p["mode"], p["length"]) for p in results["points"]}
+    assert got == {(t, m, n) for t, modes in (("Full", ("Full", "LSH-1", "LSH-2")), ("Local", ("Local",)))
+                   for m in modes for n in (256, 1024)}
+    for p in results["points"]:
+        assert 0.0 <= p["accuracy"] <= 1.0 and len(p["pairs"]) == 8 * 16
+        assert all(0 < d < p["length"] for d, _ in p["pairs"])   # every answer lies behind its query
+    assert {s["mode"] for s in results["steps"]} == {"Full", "LSH-1", "LSH-2", "Local"}
+    assert all("seconds" in s for s in results["steps"]), results["steps"]
+    assert "| Full | LSH-2 |" in readme and (out / "distance.png").stat().st_size > 0

@@ -8,6 +8,7 @@ Every experiment writes results.json, a README.md with its tables and its PNG pl
     lm-parity     byte LM on the stdlib corpus: full, LSH-2/4, chunk-window LSH, local; reversible and not
     hash-rounds   a trained model's bits/byte evaluated with 1-16 rounds and full attention
     speed         seconds per training step against length at a fixed number of tokens per batch
+    long-range    associative recall up to 16K tokens back: LSH of 1-8 rounds against local and full
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 EXPERIMENTS = {"duplication": "duplication", "lm-parity": "lm_parity", "hash-rounds": "hash_rounds",
-               "speed": "speed"}
+               "speed": "speed", "long-range": "long_range"}
 
 
 def default_out_dir(name: str, quick: bool) -> Path:

@@ -1,0 +1,369 @@
+"""Associative recall far back: key-value pairs spread through a long sequence, queried at its end.
+
+A sequence of ``length`` tokens is filler with ``n_pairs`` pair tokens (each holds one key and its value)
+spread through it, one per stretch of the context, and ends in a query block that names every key once
+more, in a random order, each followed by its value: "k v k v ...". The model is scored on the value after
+each key of the query block; its pair token sits up to the whole sequence back. Keys are distinct within a
+sequence; values are uniform (chance is 1 / n_values).
+
+The model has no position embeddings and two layers: a local one, then the retrieving one. With no
+positions, what the retrieving layer can use is content: the query's key must find the pair token that
+holds it. Nothing in the model depends on the length, so a model trained at ``train_length`` runs at any
+length; LSH gets buckets in proportion to the length (2 * length / chunk), which keeps every bucket as full
+as in training. The local baseline (two local layers) sees 2 * chunk_length positions back, never the pairs.
+
+Modes: FULL (the LSH layer with one bucket and one chunk over the sequence: shared-QK full attention with
+the same weights, quadratic in the length), LOCAL, or a number of LSH rounds. A model trained in FULL or
+LSH is evaluated in FULL and with each of ``eval_rounds``.
+
+Measured while building this (length 256, 16 pairs, 4 values, batch 32, 2000 steps): trained with SDPA
+full attention (separate queries and keys) the model left chance (25%) and reached 54% at 256 and 59% at
+1024; trained with LSH-2 it stayed at chance (26-28%), as an LSH-2 model at length 1024 did on the paper's
+duplication task. An earlier form of the task (a value token, then its key token: a two-layer lookup) left
+chance with neither in 800 steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ReformerConfig
+from ..nn.head import token_loss
+from ..nn.model import ReformerLM
+from ..ops.hashing import derive_seed
+from ..plotting import pyplot, save_figure
+from ..training.loop import TrainConfig, build_optimizer, lr_factor, lsh_layers
+from .report import Report, full_attention_overrides, markdown_table, same_weights
+
+FULL, LOCAL = "full", "local"
+
+
+@dataclass
+class LongRangeSettings:
+    """The task, the model and the budget. ``train_modes``: FULL, LOCAL or a number of LSH rounds; models
+    not trained LOCAL are evaluated with full attention and with each of ``eval_rounds``."""
+
+    train_length: int = 256
+    eval_lengths: tuple = (256, 1024, 4096, 16384)
+    n_pairs: int = 16
+    n_keys: int = 16
+    n_values: int = 4
+    n_filler: int = 16
+    chunk_length: int = 16
+    d_model: int = 64
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup: int = 100
+    eval_sequences: int = 32
+    eval_batch: int = 8
+    train_modes: tuple = (FULL, 2, LOCAL)
+    eval_rounds: tuple = (1, 2, 4, 8)
+    distance_bins: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("train_length", "n_pairs", "n_keys", "n_values", "n_filler", "chunk_length", "d_model",
+                     "steps", "batch_size", "eval_sequences", "eval_batch", "distance_bins"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.n_keys < self.n_pairs:
+            raise ValueError(f"n_keys ({self.n_keys}) must be at least n_pairs ({self.n_pairs}): keys are distinct")
+        for length in (self.train_length, *self.eval_lengths):
+            if isinstance(length, bool) or not isinstance(length, int) or length % self.chunk_length:
+                raise ValueError(f"train_length and eval_lengths must be multiples of chunk_length "
+                                 f"({self.chunk_length}), got {length!r}")
+            if context_slot(self, length) < 1:
+                raise ValueError(f"length {length} leaves the {self.n_pairs} pairs fewer positions than "
+                                 f"pairs before the query block of {2 * self.n_pairs}; use longer sequences "
+                                 "or fewer pairs")
+        for mode in self.train_modes:
+            if mode not in (LOCAL, FULL) and (isinstance(mode, bool) or not isinstance(mode, int) or mode < 1):
+                raise ValueError(f"train_modes hold 'full', 'local' or a number of LSH rounds >= 1, got {mode!r}")
+        for rounds in self.eval_rounds:
+            if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+                raise ValueError(f"eval_rounds hold positive ints, got {rounds!r}")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.n_filler + self.n_keys + self.n_values + self.n_keys * self.n_values
+
+
+def context_slot(settings: "LongRangeSettings", length: int) -> int:
+    """Positions per pair in the context (everything before the query block)."""
+    return (length - 2 * settings.n_pairs) // settings.n_pairs
+
+
+QUICK = LongRangeSettings(eval_lengths=(256, 1024), steps=150, batch_size=16, eval_sequences=8,
+                          train_modes=(FULL, LOCAL), eval_rounds=(1, 2), distance_bins=4)
+
+
+def recall_batch(n: int, length: int, settings: LongRangeSettings, generator: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n sequences of ``length`` tokens.
+
+    Returns ids (n, length) int64; query (n, n_pairs): the positions of the query block's keys, where the
+    logits predict the value; answer (n, n_pairs): those values; distance (n, n_pairs): how far back from
+    the query's key its pair token sits. Token ids: filler [0, n_filler), keys, values, then the pair
+    tokens, one per (key, value): pair_token(settings, k, v).
+    """
+    s, pairs = settings, settings.n_pairs
+    ids = torch.randint(0, s.n_filler, (n, length), generator=generator)
+    keys = torch.argsort(torch.rand(n, s.n_keys, generator=generator), dim=1)[:, :pairs]   # distinct
+    values = torch.randint(0, s.n_values, (n, pairs), generator=generator)
+    # Pair i sits at a random place in stretch i of the context.
+    slot = context_slot(s, length)
+    pair_at = torch.arange(pairs) * slot + torch.randint(0, slot, (n, pairs), generator=generator)
+    ids[torch.arange(n)[:, None], pair_at] = pair_token(s, keys, values)
+    # The query block: every key once, in a random order, each followed by its value.
+    order = torch.argsort(torch.rand(n, pairs, generator=generator), dim=1)
+    query = length - 2 * pairs + 2 * torch.arange(pairs)
+    ids[:, query] = s.n_filler + keys.gather(1, order)
+    answer = s.n_filler + s.n_keys + values.gather(1, order)
+    ids[:, query + 1] = answer
+    distance = query - pair_at.gather(1, order)
+    return ids, query.expand(n, pairs), answer, distance
+
+
+def pair_token(settings: LongRangeSettings, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The token that holds key ``key`` (0-based) with value ``value`` (0-based)."""
+    return settings.n_filler + settings.n_keys + settings.n_values + key * settings.n_values + value
+
+
+def model_config(settings: LongRangeSettings, mode, length: int, hash_seed: int = 0) -> ReformerConfig:
+    """Two layers, a local one and then the retrieving one, no position embeddings. ``mode``: an LSH layer
+    with ``mode`` rounds and 2 * length / chunk buckets (at least 2); FULL: the same layer with one bucket
+    and one chunk over the sequence (shared-QK full attention, the same weights); LOCAL: a second local
+    layer."""
+    c = settings.chunk_length
+    if mode == FULL:
+        attention = full_attention_overrides(length)
+    elif mode == LOCAL:
+        attention = dict(chunk_length=c)
+    else:
+        attention = dict(n_hashes=mode, n_buckets=max(2, 2 * length // c), chunk_length=c)
+    return ReformerConfig(vocab_size=settings.vocab_size, d_model=settings.d_model, n_heads=2,
+                          d_head=settings.d_model // 2, n_layers=2, d_ff=2 * settings.d_model,
+                          attn_layers=(LOCAL, LOCAL if mode == LOCAL else "lsh"), local_chunk_length=c,
+                          local_n_chunks_before=1, position_embedding="none", max_seq_len=length,
+                          hash_seed=hash_seed, **attention)
+
+
+def at_length(model: ReformerLM, settings: LongRangeSettings, mode, length: int, hash_seed: int) -> ReformerLM:
+    """The same weights attending in ``mode`` at ``length`` (attention settings change no parameter)."""
+    target = model_config(settings, mode, length, hash_seed)
+    return same_weights(model, **{k: getattr(target, k) for k in ("n_buckets", "n_hashes", "chunk_length",
+                                                                  "n_chunks_before", "max_seq_len", "hash_seed")})
+
+
+def recall_logits(model: ReformerLM, ids: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """The logits at the query block's keys: (n, n_pairs, vocab)."""
+    logits = model(ids)
+    return logits.gather(1, query[..., None].expand(-1, -1, logits.shape[-1]))
+
+
+def train_model(settings: LongRangeSettings, mode: str, seed: int, log=print) -> tuple[ReformerLM, list, float]:
+    """Train one model at train_length; returns it (eval mode), its curve [(step, loss, accuracy)] and the
+    seconds it took."""
+    torch.manual_seed(seed)
+    model = ReformerLM(model_config(settings, mode, settings.train_length)).train()
+    cfg = TrainConfig(steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
+                      warmup=settings.warmup, seed=seed)
+    optimizer = build_optimizer(model.parameters(), cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    curve, began = [], time.perf_counter()
+    every = max(1, settings.steps // 10)
+    for step in range(settings.steps):
+        generator = torch.Generator().manual_seed(derive_seed(seed, step))
+        ids, query, answer, _ = recall_batch(settings.batch_size, settings.train_length, settings, generator)
+        for layer in lsh_layers(model):
+            layer.hash_calls.fill_(step)   # fresh rotations each step, reproducible from the seed
+        logits = recall_logits(model, ids, query)
+        loss = token_loss(logits, answer)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        optimizer.step()
+        scheduler.step()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"training {mode_name(mode)} diverged at step {step + 1} "
+                                     f"(loss {loss.item()}); lower the learning rate")
+        if (step + 1) % every == 0 or step + 1 == settings.steps:
+            accuracy = (logits.argmax(-1) == answer).float().mean().item()
+            curve.append((step + 1, loss.item(), accuracy))
+            log(f"  train {mode_name(mode)}: step {step + 1}/{settings.steps} loss {loss.item():.3f} "
+                f"accuracy {accuracy:.3f} ({time.perf_counter() - began:.0f} s)")
+    return model.eval(), curve, time.perf_counter() - began
+
+
+def mode_name(mode) -> str:
+    return {FULL: "Full", LOCAL: "Local"}.get(mode) or f"LSH-{mode}"
+
+
+@torch.no_grad()
+def evaluate(model: ReformerLM, settings: LongRangeSettings, mode, length: int, seed: int) -> dict[str, Any]:
+    """Accuracy at ``length`` over eval_sequences held-out sequences (fresh rotations per batch): overall
+    and per pair, with each pair's distance; and seconds per sequence."""
+    correct, distances, seconds = [], [], 0.0
+    n_batches = math.ceil(settings.eval_sequences / settings.eval_batch)
+    for i in range(n_batches):
+        generator = torch.Generator().manual_seed(derive_seed(seed, length, i))
+        n = min(settings.eval_batch, settings.eval_sequences - i * settings.eval_batch)
+        ids, query, answer, distance = recall_batch(n, length, settings, generator)
+        attending = at_length(model, settings, mode, length, derive_seed(seed, 2, length, i))
+        tick = time.perf_counter()
+        predicted = recall_logits(attending, ids, query).argmax(-1)
+        seconds += time.perf_counter() - tick
+        correct.append(predicted == answer)
+        distances.append(distance)
+    correct, distances = torch.cat(correct).flatten(), torch.cat(distances).flatten()
+    return {"length": length, "mode": mode_name(mode), "accuracy": correct.float().mean().item(),
+            "seconds_per_sequence": seconds / settings.eval_sequences,
+            "pairs": [[int(d), bool(c)] for d, c in zip(distances, correct, strict=True)]}
+
+
+def by_distance(pairs: list, edges: list[float]) -> list[float | None]:
+    """Accuracy of [distance, correct] pairs in each bin [edges[i], edges[i + 1]) (None where empty)."""
+    out = []
+    for low, high in itertools.pairwise(edges):
+        inside = [c for d, c in pairs if low <= d < high]
+        out.append(sum(inside) / len(inside) if inside else None)
+    return out
+
+
+def time_step(settings: LongRangeSettings, mode, length: int, timeout: float = 600) -> dict[str, Any]:
+    """Seconds and peak RSS (MiB) of one training step of one sequence of ``length`` tokens in ``mode``, in
+    a fresh process (speed.measure), or the point with an "error"."""
+    import sys
+
+    from . import speed
+
+    command = [sys.executable, "-m", __name__, str(mode), str(length), str(settings.chunk_length),
+               str(settings.d_model), str(settings.n_pairs)]
+    return speed.measure(command, {"mode": mode_name(mode), "length": length, "batch": 1}, 1, timeout)
+
+
+def eval_modes(settings: LongRangeSettings, trained) -> tuple:
+    """The modes a model trained in ``trained`` is evaluated in: a local model as itself; the others with
+    full attention and each of eval_rounds."""
+    return (LOCAL,) if trained == LOCAL else (FULL, *settings.eval_rounds)
+
+
+def run(out_dir: Path, quick: bool = False, seed: int = 0, log=print,
+        settings: LongRangeSettings | None = None) -> dict[str, Any]:
+    settings = settings or (QUICK if quick else LongRangeSettings())
+    report = Report("long-range", out_dir, seed, quick, dataclasses.asdict(settings))
+    points, curves, train_seconds = [], {}, {}
+    for trained in settings.train_modes:
+        model, curve, seconds = train_model(settings, trained, seed, log)
+        curves[mode_name(trained)], train_seconds[mode_name(trained)] = curve, seconds
+        for mode in eval_modes(settings, trained):
+            for length in settings.eval_lengths:
+                point = {"trained": mode_name(trained), **evaluate(model, settings, mode, length, seed + 1)}
+                points.append(point)
+                log(f"  trained {mode_name(trained)}, evaluated {point['mode']} at {length}: {point['accuracy']:.1%}")
+    longest = max(settings.eval_lengths)
+    steps = []
+    for mode in dict.fromkeys(m for t in settings.train_modes for m in eval_modes(settings, t)):
+        steps.append(time_step(settings, mode, longest))
+        log(f"  a training step of {mode_name(mode)} at {longest}: " + (
+            f"{steps[-1]['seconds']:.2f} s, {steps[-1]['peak_rss_mib']:.0f} MiB" if "seconds" in steps[-1]
+            else steps[-1]["error"]))
+    return _write(report, settings, points, curves, train_seconds, steps, quick)
+
+
+def _write(report: Report, settings: LongRangeSettings, points: list, curves: dict, train_seconds: dict,
+           steps: list, quick: bool) -> dict[str, Any]:
+    rows_of = list(dict.fromkeys((p["trained"], p["mode"]) for p in points))   # (trained, evaluated)
+    lengths = list(settings.eval_lengths)
+    longest = max(lengths)
+    edges = [0.0] + [longest * 2.0 ** (k - settings.distance_bins + 1) for k in range(settings.distance_bins)]
+    edges[-1] = float(longest + 1)
+
+    def pooled(trained, mode):
+        return [pr for p in points if (p["trained"], p["mode"]) == (trained, mode) for pr in p["pairs"]]
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    centres = [math.sqrt(max(low, 1.0) * high) for low, high in itertools.pairwise(edges)]
+    for trained, mode in rows_of:
+        acc = by_distance(pooled(trained, mode), edges)
+        xs = [x for x, a in zip(centres, acc, strict=True) if a is not None]
+        ax.plot(xs, [100 * a for a in acc if a is not None], "o-", label=f"trained {trained}, eval {mode}")
+    ax.axhline(100 / settings.n_values, color="grey", ls=":", label="chance")
+    ax.axvline(settings.train_length, color="grey", ls="--", lw=0.8, label="training length")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("distance from the query back to its pair (tokens)")
+    ax.set_ylabel("recall accuracy (%)")
+    ax.set_title(f"long-range recall{' (--quick)' if quick else ''}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save_figure(fig, report.path("distance.png"))
+
+    def cell(trained, mode, length):
+        p = next((p for p in points if (p["trained"], p["mode"], p["length"]) == (trained, mode, length)), None)
+        return "" if p is None else f"{100 * p['accuracy']:.1f}"
+
+    rows = [[trained, mode, *(cell(trained, mode, n) for n in lengths)] for trained, mode in rows_of]
+    bin_names = [f"{int(low)}-{int(high) - 1}" for low, high in itertools.pairwise(edges)]
+    dist_rows = [[trained, mode, *("" if a is None else f"{100 * a:.1f}" for a in by_distance(pooled(trained, mode),
+                                                                                             edges))]
+                 for trained, mode in rows_of]
+    step_rows = [[s["mode"], f"{s['seconds']:.2f} s" if "seconds" in s else s["error"],
+                  f"{s['peak_rss_mib'] / 1024:.2f} GiB" if "peak_rss_mib" in s else ""] for s in steps]
+    s = settings
+    body = (f"Associative recall: {s.n_pairs} pair tokens (each holds a key and its value) spread through "
+            f"filler, then a query block naming every key again; accuracy (%) on the value after each queried "
+            f"key (chance {100 / s.n_values:.1f}%). Models: 2 layers (local, then the retrieving layer), "
+            f"d_model {s.d_model}, no position embeddings, chunk {s.chunk_length}; trained at length "
+            f"{s.train_length} ({s.steps} steps of {s.batch_size} sequences), evaluated on {s.eval_sequences} "
+            f"held-out sequences ({s.eval_sequences * s.n_pairs} queries) per length with fresh hashing "
+            "rotations per batch. Full is the LSH layer with one bucket over the whole sequence (the same "
+            "weights); LSH-r has 2 * length / chunk buckets. Training seconds: "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in train_seconds.items()) + ".\n\n"
+            "By sequence length:\n\n" + markdown_table(["trained", "evaluated", *lengths], rows)
+            + "\n\nBy distance back to the pair (tokens), all lengths pooled:\n\n"
+            + markdown_table(["trained", "evaluated", *bin_names], dist_rows)
+            + f"\n\n![accuracy against distance](distance.png)\n\nA training step on one sequence of "
+              f"{longest} tokens (forward, loss, backward, Adam; a fresh process each):\n\n"
+            + markdown_table(["attention", "seconds", "peak RSS"], step_rows) + "\n")
+    results = {"points": points, "curves": curves, "train_seconds": train_seconds, "steps": steps,
+               "distance_edges": edges}
+    return report.write(results, "Long-range recall", body)
+
+
+def _step_main() -> None:
+    """One timed training step of a long-range model on one recall sequence, after a warm-up step; JSON on
+    stdout (what time_step reads)."""
+    import json
+    import sys
+
+    from .speed import peak_rss_mib
+
+    mode, length, chunk, d_model, n_pairs = sys.argv[1:6]
+    mode = mode if mode in (FULL, LOCAL) else int(mode)
+    length = int(length)
+    settings = LongRangeSettings(chunk_length=int(chunk), d_model=int(d_model), n_pairs=int(n_pairs),
+                                 train_length=length, eval_lengths=(length,))
+    torch.manual_seed(0)
+    for _ in range(2):
+        model = ReformerLM(model_config(settings, mode, length)).train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        ids, query, answer, _ = recall_batch(1, length, settings, torch.Generator().manual_seed(0))
+        start = time.perf_counter()
+        token_loss(recall_logits(model, ids, query), answer).backward()
+        optimizer.step()
+        seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "peak_rss_mib": peak_rss_mib()}))
+
+
+if __name__ == "__main__":
+    _step_main()

@@ -77,9 +77,9 @@ def head_loss(head: HeadFunction, params: list[torch.Tensor], y1: torch.Tensor, 
     (0 = all at once). The same loss and gradients as the whole head, up to float rounding. A compiled
     graph runs the whole head (the chunks differentiate inside forward, which torch.compile does not trace).
     """
-    count = (targets != IGNORE_INDEX).sum()
     if not chunk or y1.shape[1] <= chunk or torch.compiler.is_compiling():
         return token_loss(head(y1, y2, *params), targets)
+    count = (targets != IGNORE_INDEX).sum()
     differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (y1, y2, *params))
     if differentiable:
         total = _ChunkedHeadLoss.apply(y1, y2, targets, chunk, head, *params)

@@ -173,3 +173,47 @@ def test_long_range_quick_evaluates_every_mode_at_every_length(tmp_path):
     assert {s["mode"] for s in results["steps"]} == {"Full", "LSH-1", "LSH-2", "Local"}
     assert all("seconds" in s for s in results["steps"]), results["steps"]
     assert "| Full | LSH-2 |" in readme and (out / "distance.png").stat().st_size > 0
+
+
+def test_context_scores_equal_the_training_loops_evaluation_and_bin_every_position(tmp_path):
+    from reformer.experiments.context import QUICK_TRAINING, ContextSettings, binned, position_edges, score_windows
+    from reformer.training.data import Corpus
+    from reformer.training.loop import evaluate
+
+    text = tmp_path / "text.txt"
+    text.write_bytes(bytes(torch.randint(0, 256, (20000,), generator=torch.Generator().manual_seed(0)).tolist()))
+    corpus = Corpus.open(str(text))
+    model = ReformerLM(ReformerConfig(d_model=32, n_heads=2, d_head=16, n_layers=2, d_ff=64, chunk_length=16,
+                                      attn_layers=("local", "lsh"), max_seq_len=256)).eval()
+    settings = ContextSettings(training=QUICK_TRAINING, windows=(64, 256), eval_bytes=768, eval_batch=2)
+    for window in (64, 256):
+        got = score_windows(model, corpus.split("valid"), window, settings)
+        assert got["windows"] == 768 // window and len(got["by_context"]) == window - 1
+        assert got["bpb"] == pytest.approx(sum(got["by_context"]) / (window - 1), rel=1e-9)
+        reference = evaluate(model, corpus, "valid", window, got["windows"], 1, torch.device("cpu"))
+        assert got["bpb"] == pytest.approx(reference["bpb"], rel=1e-5)
+    assert position_edges(8192) == [1, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+    assert position_edges(100) == [1, 32, 64, 100]
+    assert binned([1.0, 2.0, 3.0, 5.0], [1, 2, 5]) == [1.0, pytest.approx(10 / 3)]
+
+
+def test_context_settings_reject_windows_longer_than_training():
+    from reformer.experiments.context import ContextSettings
+
+    with pytest.raises(ValueError, match="windows must be ints"):
+        ContextSettings(training=lm_parity.QUICK, windows=(64, 4096))
+    with pytest.raises(ValueError, match="eval_bytes"):
+        ContextSettings(training=lm_parity.QUICK, windows=(128,), eval_bytes=100)
+
+
+@pytest.mark.slow
+def test_context_quick_scores_every_model_at_every_window(tmp_path):
+    out, results, readme = run_quick("context", tmp_path)
+    got = {(s["model"], s["rounds"], s["window"]) for s in results["scores"]}
+    assert got == {("lsh-2", 2, 128), ("lsh-2", 2, 512), ("lsh-2", 4, 512), ("local", None, 128),
+                   ("local", None, 512)}
+    for s in results["scores"]:
+        assert len(s["by_context"]) == s["window"] - 1 and all(math.isfinite(b) for b in s["by_context"])
+        assert 0 < s["bpb"] < 8.5
+    assert results["local_reach"] == 2 * (2 * 16 - 1)
+    assert "| local |" in readme and (out / "position.png").stat().st_size > 0

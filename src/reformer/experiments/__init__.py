@@ -9,6 +9,7 @@ Every experiment writes results.json, a README.md with its tables and its PNG pl
     hash-rounds   a trained model's bits/byte evaluated with 1-16 rounds and full attention
     speed         seconds per training step against length at a fixed number of tokens per batch
     long-range    associative recall up to 16K tokens back: LSH of 1-8 rounds against local and full
+    context       byte LMs trained on 8K windows: bits/byte against position in the window, LSH and local
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 EXPERIMENTS = {"duplication": "duplication", "lm-parity": "lm_parity", "hash-rounds": "hash_rounds",
-               "speed": "speed", "long-range": "long_range"}
+               "speed": "speed", "long-range": "long_range",
+               "context": "context"}
 
 
 def default_out_dir(name: str, quick: bool) -> Path:

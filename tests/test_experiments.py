@@ -216,4 +216,5 @@ def test_context_quick_scores_every_model_at_every_window(tmp_path):
         assert len(s["by_context"]) == s["window"] - 1 and all(math.isfinite(b) for b in s["by_context"])
         assert 0 < s["bpb"] < 8.5
     assert results["local_reach"] == 2 * (2 * 16 - 1)
-    assert "| local |" in readme and (out / "position.png").stat().st_size > 0
+    assert "| local |" in readme and "| lsh-2 (evaluated with 2 rounds) minus local |" in readme
+    assert (out / "position.png").stat().st_size > 0

@@ -44,7 +44,7 @@ class ContextSettings:
 
     training: lm_parity.ParitySettings = field(default_factory=lambda: TRAINING)
     windows: tuple = (512, 1024, 2048, 4096, 8192)
-    eval_bytes: int = 131072
+    eval_bytes: int = 524288
     eval_batch: int = 4
     extra_rounds: tuple = (8,)
 
@@ -167,6 +167,13 @@ def _write(report: Report, settings: ContextSettings, scores: list, seconds: dic
     bin_names = [f"{low}-{high - 1}" for low, high in itertools.pairwise(edges)]
     position_rows = [[label(p), *("" if b is None else f"{b:.3f}" for b in binned(p["by_context"], edges))]
                      for p in full_window]
+    # Every bin holds different text, so a bin's bits/byte is mostly how hard that text is; the gap to the
+    # local model, scored on the same bytes, is what context adds.
+    local = next((p for p in full_window if p["model"] == "local"), None)
+    if local is not None:
+        position_rows += [[f"{label(p)} minus local", *(f"{a - b:+.3f}" for a, b in zip(
+            binned(p["by_context"], edges), binned(local["by_context"], edges), strict=True))]
+            for p in full_window if p is not local]
     t = training
     body = (f"Byte LMs on the `stdlib` corpus: {t.n_layers} layers of d_model {t.d_model} ({t.n_heads} heads x "
             f"{t.d_head}, d_ff {t.d_ff}, chunk {t.chunk_length}), trained {t.steps} steps of {t.batch_size} x "
@@ -178,6 +185,8 @@ def _write(report: Report, settings: ContextSettings, scores: list, seconds: dic
             + f"\n\nValid bits/byte against context (the byte's position in a window of {longest}), "
               f"the local model seeing at most {reach} bytes back:\n\n"
             + markdown_table(["model", *bin_names], position_rows)
+            + "\n\nWithin one window length every model scores the same bytes, so the rows \"minus local\" "
+              "show what context the local model cannot see is worth, bin by bin."
             + "\n\n![bits/byte against position](position.png)\n")
     return report.write({"scores": scores, "train_seconds": seconds, "position_edges": edges,
                          "local_reach": reach}, "Context on real text", body)

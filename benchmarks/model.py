@@ -9,6 +9,7 @@ speed: seconds per step against length at a fixed number of tokens per batch (th
 full attention and LSH with 1, 2, 4 and 8 rounds, batch = tokens / length; this is
 `reformer experiment speed` with other settings, written to --out.
 Every point runs in a fresh process after a warm-up step, median of --repeats; peak RSS is per process.
+--bf16 runs every implementation's forward and loss under bfloat16 autocast (the backward follows it).
 The measuring code lives in reformer.experiments.speed; this script adds transformers' model.
 
     python benchmarks/model.py step --lengths 4096 16384 65536
@@ -21,6 +22,8 @@ import argparse
 import json
 import sys
 
+import torch
+
 from reformer.config import transformers_n_buckets
 from reformer.experiments import speed
 
@@ -28,8 +31,19 @@ IMPLEMENTATIONS = ("ours", "hf", "full")
 LAYERS = 6
 
 
-def build(impl: str, length: int, n_hashes: int):
-    """(model, loss function of a batch)."""
+def build(impl: str, length: int, n_hashes: int, bf16: bool = False):
+    """(model, loss function of a batch), the loss under bfloat16 autocast when ``bf16``."""
+    model, loss_of = _build(impl, length, n_hashes)
+    if not bf16:
+        return model, loss_of
+
+    def autocast_loss(ids):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return loss_of(ids)
+    return model, autocast_loss
+
+
+def _build(impl: str, length: int, n_hashes: int):
     if impl in speed.REFORMER_IMPLEMENTATIONS:
         return speed.build_reformer(impl, length, n_hashes, LAYERS)
     from transformers import ReformerConfig, ReformerModelWithLMHead
@@ -61,17 +75,20 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=LAYERS, help="layers (speed)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--bf16", action="store_true", help="forward and loss under bfloat16 autocast (step)")
     parser.add_argument("--out", default="benchmarks/speed", help="report folder (speed)")
     args = parser.parse_args()
     if args.mode == "child":
-        impl, length, n_hashes = args.args
-        result = speed.time_step(lambda n: build(impl, n, int(n_hashes)), int(length), 1)
+        impl, length, n_hashes, bf16 = args.args
+        result = speed.time_step(lambda n: build(impl, n, int(n_hashes), bf16 == "bf16"), int(length), 1)
         print(json.dumps({"implementation": impl, "length": int(length), **result}))
     elif args.mode == "step":
         for length in args.lengths:
             for impl in args.implementations:
-                point = {"implementation": impl, "length": length, "batch": 1, "n_hashes": 2}
-                command = [sys.executable, __file__, "child", impl, str(length), "2"]
+                point = {"implementation": impl, "length": length, "batch": 1, "n_hashes": 2,
+                         "dtype": "bf16-autocast" if args.bf16 else "float32"}
+                command = [sys.executable, __file__, "child", impl, str(length), "2",
+                           "bf16" if args.bf16 else "fp32"]
                 print(json.dumps(speed.measure(command, point, args.repeats, args.timeout)), flush=True)
     else:
         settings = speed.SpeedSettings(tokens=args.tokens, lengths=tuple(args.lengths), n_layers=args.layers,

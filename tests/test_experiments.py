@@ -192,6 +192,9 @@ def test_context_scores_equal_the_training_loops_evaluation_and_bin_every_positi
         assert got["bpb"] == pytest.approx(sum(got["by_context"]) / (window - 1), rel=1e-9)
         reference = evaluate(model, corpus, "valid", window, got["windows"], 1, torch.device("cpu"))
         assert got["bpb"] == pytest.approx(reference["bpb"], rel=1e-5)
+    with pytest.raises(ValueError, match="eval_bytes"):   # the valid split holds 1,000 bytes
+        score_windows(model, corpus.split("valid"), 64, ContextSettings(training=QUICK_TRAINING, windows=(64,),
+                                                                        eval_bytes=4096))
     assert position_edges(8192) == [1, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
     assert position_edges(100) == [1, 32, 64, 100]
     assert binned([1.0, 2.0, 3.0, 5.0], [1, 2, 5]) == [1.0, pytest.approx(10 / 3)]

@@ -86,6 +86,9 @@ def score_windows(model: torch.nn.Module, data, window: int, settings: ContextSe
         logits = model(batch, n_hashes=n_hashes)
         total += next_token_loss(logits, batch, reduction="none").view(batch.shape[0], -1).double().sum(0)
         n_windows += batch.shape[0]
+    if n_windows < wanted:   # the split is shorter than eval_bytes: say so rather than score fewer bytes
+        raise ValueError(f"eval_bytes ({settings.eval_bytes}) asks for {wanted} windows of {window} bytes; "
+                         f"the split holds {n_windows}")
     by_context = total / n_windows / math.log(2)
     return {"window": window, "windows": n_windows, "bpb": by_context.mean().item(),
             "by_context": by_context.tolist()}

@@ -12,6 +12,7 @@ from helpers import full_shared_qk_attention
 from reformer import LSHSelfAttention, ReformerConfig, ReformerLM
 from reformer.experiments import lm_parity
 from reformer.experiments.duplication import DuplicationSettings, duplication_batch, model_config, with_attention
+from reformer.experiments.long_range import LongRangeSettings
 from reformer.experiments.report import full_attention_overrides, same_weights
 
 
@@ -221,3 +222,13 @@ def test_context_quick_scores_every_model_at_every_window(tmp_path):
     assert results["local_reach"] == 2 * (2 * 16 - 1)
     assert "| local |" in readme and "| lsh-2 (evaluated with 2 rounds) minus local |" in readme
     assert (out / "position.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: DuplicationSettings(steps=0), "steps"),
+    (lambda: DuplicationSettings(batch_size=2.0), "batch_size"),
+    (lambda: LongRangeSettings(d_model=True), "d_model"),
+])
+def test_experiment_settings_name_the_field_that_is_not_a_positive_int(make, field):
+    with pytest.raises(ValueError, match=f"{field} must be a positive int"):
+        make()

@@ -29,7 +29,7 @@ from ..plotting import pyplot, save_figure
 from ..training.checkpoint import load_model
 from ..training.data import eval_batches
 from . import lm_parity
-from .report import Report, markdown_table, same_weights
+from .report import Report, check_positive_ints, is_positive_int, markdown_table, same_weights
 
 TRAINING = lm_parity.ParitySettings(seq_len=8192, batch_size=1, steps=600, warmup=60, eval_every=150,
                                     eval_batches=1, final_eval_batches=1, variants=("lsh-2", "local"))
@@ -50,17 +50,14 @@ class ContextSettings:
 
     def __post_init__(self) -> None:
         longest = self.training.seq_len
-        bad = [w for w in self.windows if isinstance(w, bool) or not isinstance(w, int) or not 2 <= w <= longest]
+        bad = [w for w in self.windows if not is_positive_int(w) or not 2 <= w <= longest]
         if bad or not self.windows:
             raise ValueError(f"windows must be ints in [2, training.seq_len={longest}], got {self.windows!r}")
-        for name in ("eval_bytes", "eval_batch"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(self, ("eval_bytes", "eval_batch"))
         if self.eval_bytes < max(self.windows):
             raise ValueError(f"eval_bytes ({self.eval_bytes}) must hold at least one window of "
                              f"{max(self.windows)} bytes")
-        if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in self.extra_rounds):
+        if not all(is_positive_int(r) for r in self.extra_rounds):
             raise ValueError(f"extra_rounds hold positive ints, got {self.extra_rounds!r}")
 
 

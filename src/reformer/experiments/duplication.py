@@ -30,7 +30,7 @@ from ..nn.model import ReformerLM
 from ..ops.hashing import derive_seed
 from ..plotting import pyplot, save_figure
 from ..training.loop import TrainConfig, build_optimizer, lr_factor, lsh_layers
-from .report import Report, full_attention_overrides, markdown_table, same_weights
+from .report import Report, check_positive_ints, full_attention_overrides, is_positive_int, markdown_table, same_weights
 
 FULL, LOCAL = "full", "local"
 NAMED_MODES = (FULL, LOCAL)
@@ -53,12 +53,14 @@ class DuplicationSettings:
     eval_modes: tuple = (FULL, 8, 4, 2, 1)
 
     def __post_init__(self) -> None:
+        check_positive_ints(self, ("length", "n_symbols", "chunk_length", "steps", "batch_size", "eval_sequences",
+                                   "eval_batch"))
         if self.length < 4 or self.length % 2:
             raise ValueError(f"length must be an even int >= 4 (0 w 0 w), got {self.length!r}")
         if self.length % self.chunk_length:
             raise ValueError(f"length ({self.length}) must be a multiple of chunk_length ({self.chunk_length})")
         for mode in (*self.train_modes, *self.eval_modes):
-            if mode not in NAMED_MODES and (isinstance(mode, bool) or not isinstance(mode, int) or mode < 1):
+            if mode not in NAMED_MODES and not is_positive_int(mode):
                 raise ValueError(f"train_modes and eval_modes hold 'full', 'local' or a number of rounds >= 1, "
                                  f"got {mode!r}")
 

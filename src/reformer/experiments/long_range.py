@@ -35,7 +35,7 @@ from ..nn.model import ReformerLM
 from ..ops.hashing import derive_seed
 from ..plotting import pyplot, save_figure
 from ..training.loop import TrainConfig, build_optimizer, lr_factor, lsh_layers
-from .report import Report, full_attention_overrides, markdown_table, same_weights
+from .report import Report, check_positive_ints, full_attention_overrides, is_positive_int, markdown_table, same_weights
 
 FULL, LOCAL = "full", "local"
 
@@ -64,11 +64,9 @@ class LongRangeSettings:
     distance_bins: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("train_length", "n_pairs", "n_keys", "n_values", "n_filler", "chunk_length", "d_model",
-                     "steps", "batch_size", "eval_sequences", "eval_batch", "distance_bins"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(self, ("train_length", "n_pairs", "n_keys", "n_values", "n_filler", "chunk_length",
+                                   "d_model", "steps", "batch_size", "eval_sequences", "eval_batch",
+                                   "distance_bins"))
         if self.n_keys < self.n_pairs:
             raise ValueError(f"n_keys ({self.n_keys}) must be at least n_pairs ({self.n_pairs}): keys are distinct")
         for length in (self.train_length, *self.eval_lengths):
@@ -80,10 +78,10 @@ class LongRangeSettings:
                                  f"pairs before the query block of {2 * self.n_pairs}; use longer sequences "
                                  "or fewer pairs")
         for mode in self.train_modes:
-            if mode not in (LOCAL, FULL) and (isinstance(mode, bool) or not isinstance(mode, int) or mode < 1):
+            if mode not in (LOCAL, FULL) and not is_positive_int(mode):
                 raise ValueError(f"train_modes hold 'full', 'local' or a number of LSH rounds >= 1, got {mode!r}")
         for rounds in self.eval_rounds:
-            if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            if not is_positive_int(rounds):
                 raise ValueError(f"eval_rounds hold positive ints, got {rounds!r}")
 
     @property

@@ -61,6 +61,19 @@ def full_attention_overrides(length: int) -> dict[str, Any]:
     return dict(n_buckets=1, n_hashes=1, chunk_length=-(-length // 64) * 64, n_chunks_before=1)
 
 
+def is_positive_int(value: Any) -> bool:
+    """Whether value is an int >= 1 (a bool is not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_positive_ints(settings: Any, names: Sequence[str]) -> None:
+    """Raise a ValueError naming the first of ``settings``' fields ``names`` that is not a positive int."""
+    for name in names:
+        value = getattr(settings, name)
+        if not is_positive_int(value):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub markdown table; floats keep the precision they were formatted with by the caller."""
     lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]

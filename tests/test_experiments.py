@@ -99,7 +99,8 @@ def test_local_duplication_mode_cannot_see_the_first_copy():
     # The baseline of the duplication table: one bucket and the LSH chunk, so a position sees its own
     # chunk and the one before it. Rewriting the first copy must leave every logit from two chunks
     # past it unchanged, while full attention with the same weights does see the change.
-    settings = DuplicationSettings(length=64, chunk_length=8, train_modes=("local",), eval_modes=("local", "full"))
+    settings = DuplicationSettings(length=64, chunk_length=8, train_modes=("local",), eval_modes=("local", "full"),
+                                   curriculum=())
     torch.manual_seed(0)
     model = ReformerLM(model_config(settings, "local")).eval()
     batch = duplication_batch(2, 64, 127, torch.Generator().manual_seed(0))
@@ -232,3 +233,10 @@ def test_context_quick_scores_every_model_at_every_window(tmp_path):
 def test_experiment_settings_name_the_field_that_is_not_a_positive_int(make, field):
     with pytest.raises(ValueError, match=f"{field} must be a positive int"):
         make()
+
+
+def test_duplication_curriculum_stages_must_fit_the_model():
+    with pytest.raises(ValueError, match="curriculum"):
+        DuplicationSettings(length=512, curriculum=((1024, 10),))
+    with pytest.raises(ValueError, match="curriculum"):
+        DuplicationSettings(curriculum=((256, 0),))

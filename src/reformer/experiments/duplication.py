@@ -38,19 +38,22 @@ NAMED_MODES = (FULL, LOCAL)
 
 @dataclass
 class DuplicationSettings:
-    """The task and the training budget. ``train_modes`` and ``eval_modes``: "full", "local" or LSH rounds."""
+    """The task and the training budget. ``train_modes`` and ``eval_modes``: "full", "local" or LSH rounds.
+    ``curriculum``: (length, steps) stages trained before the ``steps`` at ``length``, each with its own
+    warmup and cosine schedule; the model is built for ``length`` throughout."""
 
-    length: int = 256
+    length: int = 1024
     n_symbols: int = 127
     chunk_length: int = 32
-    steps: int = 700
+    steps: int = 400
     batch_size: int = 8
     lr: float = 2e-3
     warmup: int = 50
     eval_sequences: int = 256
     eval_batch: int = 32
-    train_modes: tuple = (FULL, 4, 2, 1)
+    train_modes: tuple = (FULL, 4, 2, 1, LOCAL)
     eval_modes: tuple = (FULL, 8, 4, 2, 1)
+    curriculum: tuple = ((256, 600), (512, 300))
 
     def __post_init__(self) -> None:
         check_positive_ints(self, ("length", "n_symbols", "chunk_length", "steps", "batch_size", "eval_sequences",
@@ -59,6 +62,11 @@ class DuplicationSettings:
             raise ValueError(f"length must be an even int >= 4 (0 w 0 w), got {self.length!r}")
         if self.length % self.chunk_length:
             raise ValueError(f"length ({self.length}) must be a multiple of chunk_length ({self.chunk_length})")
+        for stage in self.curriculum:
+            if (not isinstance(stage, (tuple, list)) or len(stage) != 2 or not all(map(is_positive_int, stage))
+                    or stage[0] % 2 or not 4 <= stage[0] <= self.length):
+                raise ValueError(f"curriculum holds (length, steps) pairs of positive ints with an even length "
+                                 f"in [4, length={self.length}], got {stage!r}")
         for mode in (*self.train_modes, *self.eval_modes):
             if mode not in NAMED_MODES and not is_positive_int(mode):
                 raise ValueError(f"train_modes and eval_modes hold 'full', 'local' or a number of rounds >= 1, "
@@ -66,7 +74,8 @@ class DuplicationSettings:
 
 
 QUICK = DuplicationSettings(length=64, chunk_length=8, steps=150, batch_size=16, lr=3e-3,
-                            warmup=20, eval_sequences=64, train_modes=(FULL, 2), eval_modes=(FULL, 4, 1))
+                            warmup=20, eval_sequences=64, train_modes=(FULL, 2), eval_modes=(FULL, 4, 1),
+                            curriculum=((32, 50),))
 
 
 def mode_name(mode) -> str:
@@ -109,31 +118,37 @@ def copy_loss(model: ReformerLM, batch: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def train_model(settings: DuplicationSettings, mode, seed: int, log=print) -> tuple[ReformerLM, list, float]:
-    """Train one model; returns it, its curve [(step, loss, accuracy)] and the seconds it took."""
+    """Train one model through the curriculum's stages, then ``steps`` at ``length``; returns it, its curve
+    [(step, loss, accuracy)] (steps counted over all stages) and the seconds it took."""
     torch.manual_seed(seed)
     model = ReformerLM(model_config(settings, mode)).train()
-    steps = settings.steps
-    cfg = TrainConfig(steps=steps, batch_size=settings.batch_size, lr=settings.lr,
-                      warmup=settings.warmup, seed=seed)
-    optimizer = build_optimizer(model.parameters(), cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    curve, began = [], time.perf_counter()
-    every = max(1, steps // 10)
-    for step in range(steps):
-        generator = torch.Generator().manual_seed(derive_seed(seed, step))
-        batch = duplication_batch(settings.batch_size, settings.length, settings.n_symbols, generator)
-        for layer in lsh_layers(model):
-            layer.hash_calls.fill_(step)   # fresh rotations each step, reproducible from the seed
-        loss, accuracy = copy_loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        optimizer.step()
-        scheduler.step()
-        if (step + 1) % every == 0 or step + 1 == steps:
-            curve.append((step + 1, loss.item(), accuracy.item()))
-            log(f"  train {mode_name(mode)}: step {step + 1}/{steps} loss {loss.item():.3f} "
-                f"accuracy {accuracy.item():.3f} ({time.perf_counter() - began:.0f} s)")
+    stages = [*settings.curriculum, (settings.length, settings.steps)]
+    total = sum(steps for _, steps in stages)
+    optimizer = build_optimizer(model.parameters(), TrainConfig(lr=settings.lr))
+    curve, began, done = [], time.perf_counter(), 0
+    every = max(1, total // 10)
+    for length, steps in stages:
+        cfg = TrainConfig(steps=steps, batch_size=settings.batch_size, lr=settings.lr,
+                          warmup=min(settings.warmup, steps - 1), seed=seed)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = settings.lr   # each stage schedules from the peak again
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s, cfg=cfg: lr_factor(s, cfg))
+        for _ in range(steps):
+            generator = torch.Generator().manual_seed(derive_seed(seed, done))
+            batch = duplication_batch(settings.batch_size, length, settings.n_symbols, generator)
+            for layer in lsh_layers(model):
+                layer.hash_calls.fill_(done)   # fresh rotations each step, reproducible from the seed
+            loss, accuracy = copy_loss(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            optimizer.step()
+            scheduler.step()
+            done += 1
+            if done % every == 0 or done == total:
+                curve.append((done, loss.item(), accuracy.item()))
+                log(f"  train {mode_name(mode)} at {length}: step {done}/{total} loss {loss.item():.3f} "
+                    f"accuracy {accuracy.item():.3f} ({time.perf_counter() - began:.0f} s)")
     return model.eval(), curve, time.perf_counter() - began
 
 
@@ -175,13 +190,15 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, log=print,
     save_figure(fig, report.path("training.png"))
 
     eval_names = [mode_name(m) for m in settings.eval_modes]
+    stages = ", then ".join(f"{steps} at length {length}" for length, steps in
+                            [*settings.curriculum, (settings.length, settings.steps)])
     rows = [[f"{name}", *(f"{100 * table[name][e]:.1f}" for e in eval_names)] for name in table]
     chance = 100 / settings.n_symbols
     body = (f"Accuracy (%) on the second copy of w, sequences 0 w 0 w of length {settings.length} "
             f"(symbols 1..{settings.n_symbols}, chance {chance:.1f}%), {settings.eval_sequences} held-out "
             f"sequences, fresh hashing rotations per batch. Rows: attention the model was trained with "
-            f"({settings.steps} steps of {settings.batch_size} sequences); columns: attention at "
-            "evaluation.\n\n"
+            f"({stages} steps of {settings.batch_size} sequences, each stage with its own warmup and "
+            "cosine schedule); columns: attention at evaluation.\n\n"
             + markdown_table(["train \\ eval", *eval_names], rows)
             + "\n\nThe paper (length 1024, 150K steps): Full 100 / 94.8 / 92.5 / 76.9 / 52.5; "
               "LSH-4 0.8 / 100 / 99.9 / 99.4 / 91.9; LSH-2 0.8 / 100 / 99.9 / 98.1 / 86.8; "

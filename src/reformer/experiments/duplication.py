@@ -145,6 +145,9 @@ def train_model(settings: DuplicationSettings, mode, seed: int, log=print) -> tu
             optimizer.step()
             scheduler.step()
             done += 1
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"training {mode_name(mode)} diverged at step {done} at length {length} "
+                                         f"(loss {loss.item()}); lower the learning rate")
             if done % every == 0 or done == total:
                 curve.append((done, loss.item(), accuracy.item()))
                 log(f"  train {mode_name(mode)} at {length}: step {done}/{total} loss {loss.item():.3f} "

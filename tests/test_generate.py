@@ -18,20 +18,54 @@ MODELS = {
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("prompt", [5, 40])
-def test_cached_logits_equal_full_forward_at_every_step(name, prompt):
+def test_cached_logits_equal_full_forward_at_every_step(name, prompt, core):
+    """On either core: the compiled one decodes LSH and local layers by decode.c's steps ("auto": a local
+    layer's full forward at a length off its chunks runs eager)."""
     torch.manual_seed(0)
-    model = ReformerLM(tiny(init_std=0.2, **MODELS[name])).eval()
+    setting = "auto" if core == "native" else "eager"
+    model = ReformerLM(tiny(init_std=0.2, attention_backend=setting, **MODELS[name])).eval()
     ids = torch.randint(0, 64, (2, 70))
     with torch.no_grad():
         full = model(ids)
     decoder = Decoder(model)
     steps = [decoder.prefill(ids[:, :prompt])]
+    compiled_steps = {cache.native is not None for cache in decoder.caches if hasattr(cache, "native")}
+    assert compiled_steps == (set() if name == "full" else {core == "native"})
     for t in range(prompt, ids.shape[1]):
         steps.append(decoder.step(ids[:, t]))
     cached = torch.stack(steps, dim=1)           # logits for positions prompt-1 ... 69
     diff = (cached - full[:, prompt - 1:]).abs().max().item()
     assert full.std() > 0.05
     assert diff <= 1e-5, diff
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_compiled_decode_steps_equal_the_eager_ones(name, dtype, tolerance, core):
+    """decode.c's steps against the eager ones they replace, from a one-token prompt (queries with no
+    earlier member of their bucket) past the caches' first growth: the logits, and the rings, counts and
+    cached rows they leave."""
+    if core != "native":
+        pytest.skip("compares the compiled steps with the eager ones")
+    torch.manual_seed(0)
+    model = ReformerLM(tiny(init_std=0.2, **MODELS[name])).eval().to(dtype)
+    ids = torch.randint(0, 64, (2, 90))
+    compiled, eager = Decoder(model), Decoder(model)
+    for cache in eager.caches:
+        cache.backend = "eager"
+    with torch.no_grad():
+        pairs = [(compiled.prefill(ids[:, :1]), eager.prefill(ids[:, :1]))]
+        pairs += [(compiled.step(ids[:, t]), eager.step(ids[:, t])) for t in range(1, ids.shape[1])]
+    assert all(cache.native is None for cache in eager.caches if hasattr(cache, "native"))
+    assert max((a - b).abs().max().item() for a, b in pairs) <= tolerance
+    for ours, theirs in zip(compiled.caches, eager.caches, strict=True):
+        assert torch.allclose(ours.key_values.view(), theirs.key_values.view(), rtol=0, atol=tolerance)
+        if hasattr(ours, "ring"):
+            assert ours.native is not None
+            assert torch.equal(ours.ring, theirs.ring) and torch.equal(ours.count, theirs.count)
+    if name != "full":
+        with pytest.raises(ValueError, match="filled for 2 rows"):
+            compiled.step(ids[:1, 0])
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-10), (torch.bfloat16, 0.25)])

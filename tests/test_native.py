@@ -54,8 +54,8 @@ def test_the_compiled_core_is_built_where_a_compiler_exists(compiled):
 def test_the_source_builds_without_a_warning(compiled):
     """-Wall -Wextra, for both ways of threading."""
     for flags in native.THREADING.values():
-        result = subprocess.run([native.compiler(), *native.FLAGS, *flags, str(native.SOURCE), "-o", os.devnull,
-                                 "-lm"], capture_output=True, text=True, timeout=300)
+        result = subprocess.run([native.compiler(), *native.FLAGS, *flags, *map(str, native.SOURCES), "-o",
+                                 os.devnull, "-lm"], capture_output=True, text=True, timeout=300)
         assert result.returncode == 0 and "warning" not in result.stderr, result.stderr
 
 

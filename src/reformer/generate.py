@@ -9,6 +9,8 @@ Each attention layer keeps what later positions need from earlier ones:
   depends on earlier positions only. So cached logits equal the full forward's.
 - local: keys and values; the query sees its chunk and the ``n_chunks_before`` chunks before it.
 - full: keys and values of all earlier positions.
+On the CPU in float32 or float64 the attention step of an LSH or local layer is one compiled call
+(ops/native/decoding.py); the torch steps here are its reference and serve everywhere else.
 A step costs O(context) vector work per layer, against O(context log context) matrix work for a new
 full forward. Models with ``lsh_window="chunk"`` (the anchors' semantics, where earlier outputs depend on
 later tokens) cannot be cached exactly; they decode by full forwards.
@@ -29,6 +31,7 @@ from .ops import backend
 from .ops.hashing import hash_vectors, hashing_vectors, total_buckets
 from .ops.keys import key_scale
 from .ops.layout import split_heads
+from .ops.native.decoding import LocalStep, LSHStep
 from .sampling import check_sampling, penalise_repeats, sample
 
 
@@ -38,17 +41,21 @@ class _Growing:
     def __init__(self, dim: int):
         self.dim, self.data, self.length = dim, None, 0
 
-    def append(self, x: torch.Tensor) -> torch.Tensor:
-        """Append x along ``dim``; return the view of the storage it was written to."""
-        n = x.shape[self.dim]
+    def reserve(self, n: int, like: torch.Tensor | None = None) -> torch.Tensor:
+        """Room for n more along ``dim`` (a first storage shaped like ``like``); return the storage."""
         if self.data is None or self.length + n > self.data.shape[self.dim]:
-            shape = list(x.shape)
+            shape = list((like if self.data is None else self.data).shape)
             shape[self.dim] = max(2 * (self.length + n), 64)
-            grown = x.new_empty(shape)
+            grown = (like if self.data is None else self.data).new_empty(shape)
             if self.data is not None:
                 grown.narrow(self.dim, 0, self.length).copy_(self.view())
             self.data = grown
-        written = self.data.narrow(self.dim, self.length, n)
+        return self.data
+
+    def append(self, x: torch.Tensor) -> torch.Tensor:
+        """Append x along ``dim``; return the view of the storage it was written to."""
+        n = x.shape[self.dim]
+        written = self.reserve(n, like=x).narrow(self.dim, self.length, n)
         written.copy_(x)
         self.length += n
         return written
@@ -129,6 +136,7 @@ class LSHCache:
         self.hash_weight = layer.qk.weight.to(hash_dtype)   # 16-bit models hash float32 projections
         self.slots = torch.arange(self.window, device=self.weight.device)
         self.ring = self.count = None
+        self.native = None   # after prefill, where the compiled core serves: that step as one call
         self.rows = None   # (storage, its (rows, 2d) view, first row of each (batch, head)) for gathers
 
     def prefill(self, h: torch.Tensor) -> None:
@@ -153,6 +161,7 @@ class LSHCache:
         # Slots fill in order, then wrap: slot s of a bucket holds a member iff s < its count (others: 0).
         ring = torch.zeros((batch, heads, rounds, spare + 1), dtype=torch.long, device=h.device)
         self.ring = ring.scatter_(-1, slot, positions)[..., :spare].contiguous()
+        self.native = LSHStep(self, batch) if compiled else None   # the same step as one compiled call
 
     def _hash(self, qk: torch.Tensor) -> torch.Tensor:
         """Buckets (B, H, R, 1) of one position's hashing vectors (B, H, 1, d), as ``hash_vectors`` gives
@@ -180,6 +189,8 @@ class LSHCache:
 
     def step(self, h: torch.Tensor) -> torch.Tensor:
         """h (batch, d_model) of one position -> (batch, d_model)."""
+        if self.native is not None:
+            return self.native(h)
         batch, heads, d = h.shape[0], self.n_heads, self.d_head
         kv = torch.mm(h, self.step_weight).view(batch, heads, 1, 2 * d)   # (B, H, 1, qk | v)
         qk = kv[..., :d]
@@ -234,8 +245,17 @@ class LocalCache(_KeyValueCache):
     def __init__(self, layer: LocalSelfAttention):
         super().__init__(layer, key_divisor=math.sqrt(layer.d_head))   # as the local layer scales keys
         self.chunk_length, self.before = layer.band.chunk_length, layer.band.before
+        self.backend, self.band = layer.backend, layer.band
+        self.native = None   # after prefill, where the compiled core serves: the step as one call
+
+    def prefill(self, h: torch.Tensor) -> None:
+        super().prefill(h)
+        if backend.choose_core(self.backend, h, self.band, 0.0) == "native":
+            self.native = LocalStep(self, h.shape[0])
 
     def step(self, h: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:
+            return self.native(h)
         q, d = self._project(h), self.d_head
         t = self.key_values.length - 1
         key_values = self.key_values.view(max(0, (t // self.chunk_length - self.before) * self.chunk_length))

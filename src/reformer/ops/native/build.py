@@ -1,4 +1,5 @@
-"""Building and loading the compiled interval core (kernels.c) with the machine's C compiler.
+"""Building and loading the compiled core (kernels.c, and decode.c for cached decoding) with the machine's C
+compiler.
 
 Nothing is compiled at install time, so the project installs anywhere; the first use builds one shared
 library into ``$REFORMER_CACHE/kernels`` (default ``~/.cache/reformer/kernels``), named by a hash of the
@@ -25,8 +26,8 @@ from ...files import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels.c")
-# -fno-trapping-math lets the loops around exp's conversions vectorise. The source builds without a
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("kernels.c", "decode.c"))
+# -fno-trapping-math lets the loops around exp's conversions vectorise. The sources build without a
 # warning under -Wall -Wextra (tests/test_native.py holds it to that).
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fPIC", "-shared", "-pthread", "-Wall", "-Wextra"]
 # How the kernels run in parallel, in order of preference. "openmp": on torch's own OpenMP threads. Built
@@ -59,15 +60,15 @@ def _cpu() -> str:
 
 def _build(compiler_path: str, flags: list[str]) -> Path:
     version = subprocess.run([compiler_path, "--version"], capture_output=True, text=True, timeout=60).stdout
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(), _cpu().encode()]))
+    sources = [source.read_bytes() for source in SOURCES]
+    digest = hashlib.sha256(b"\0".join([*sources, " ".join(flags).encode(), version.encode(), _cpu().encode()]))
     target = cache_dir() / "kernels" / f"interval-{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        subprocess.run([compiler_path, *flags, str(SOURCE), "-o", str(built), "-lm"], check=True,
+        subprocess.run([compiler_path, *flags, *map(str, SOURCES), "-o", str(built), "-lm"], check=True,
                        capture_output=True, text=True, timeout=300)
         os.replace(built, target)   # atomic: concurrent builders each put a whole file in place
     return target

@@ -2,7 +2,7 @@
 name, and the checks that keep a bad argument from reaching C.
 
 Each structure mirrors its C namesake field by field (ForwardCall, BackwardCall, ScatterCall, HashCall,
-RoundSpansCall). The wrappers check what would make the C code read or write out of bounds (dtypes,
+RoundSpansCall; DecodeCall and LocalDecodeCall of decode.c, filled by ops/native/decoding.py). The wrappers check what would make the C code read or write out of bounds (dtypes,
 devices, contiguity, sizes, and the range of every index: spans within the window, row offsets within
 their tensor, orders within the positions) and raise ValueError naming the argument, so that no argument
 crashes the process. The range checks are a few reductions over n indices, next to the O(n x window x d)
@@ -56,6 +56,16 @@ class RoundSpansCall(ctypes.Structure):
                 + _fields("positions order lo hi skip has_other", _ptr) + [("threads", _i32)])
 
 
+class DecodeCall(ctypes.Structure):
+    _fields_ = (_fields("batch heads d rounds width n_factors", _i64) + [("factors", _i64 * 2)]
+                + _fields("window n_buckets capacity position", _i64)
+                + _fields("kv cache hash ring count out scores rotated rows", _ptr))
+
+
+class LocalDecodeCall(ctypes.Structure):
+    _fields_ = _fields("batch heads d capacity first position", _i64) + _fields("qkv cache out scores", _ptr)
+
+
 @functools.lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL:
     lib = library()
@@ -63,7 +73,8 @@ def _lib() -> ctypes.CDLL:
         raise ValueError("the compiled interval core is not available on this machine (no C compiler builds "
                          "it): use attention_backend 'eager' or 'auto'")
     for kernel, call in (("interval_forward", ForwardCall), ("interval_backward", BackwardCall),
-                         ("scatter_gradients", ScatterCall), ("hash_buckets", HashCall)):
+                         ("scatter_gradients", ScatterCall), ("hash_buckets", HashCall),
+                         ("decode_lsh", DecodeCall), ("decode_local", LocalDecodeCall)):
         for name in DTYPES.values():
             function = getattr(lib, f"{kernel}_{name}")
             function.argtypes, function.restype = [ctypes.POINTER(call)], None

@@ -1,5 +1,5 @@
-/* One cached decoding step of an LSH attention layer (generate.LSHCache) or a local one
-(generate.LocalCache), compiled.
+/* One cached decoding step of an LSH attention layer (caches.LSHCache) or a local one
+(caches.LocalCache), compiled.
 
 A step handles one new position per sequence: a few hundred numbers per head, so as torch operations it
 is some thirty calls that each cost more in dispatch than in arithmetic. Here it is one call. Per
@@ -18,8 +18,8 @@ decode_local: q | k | v of the new position; k | v written to cache row `positio
 attends to rows first..position (its chunk and the chunks before it in reach, itself included).
 
 Built into the same library as kernels.c (build.py), once per element type: the file includes itself
-with T and NAME defined. The caller (ops/native/decoding.py) passes the state of generate's caches,
-whose every index (ring positions, counts) they wrote themselves, so the calls check nothing.
+with T and NAME defined. The caller (ops/native/decoding.py) passes the state of the decoding caches
+(caches.py), whose every index (ring positions, counts) they wrote themselves, so the calls check nothing.
 */
 
 #ifndef T

@@ -1,7 +1,7 @@
 """Cached decoding's attention steps through decode.c, for LSH and local layers: per layer and token the
 projection, one call that does the rest (for LSH: the key, the hashing, the attention over every round's
 bucket and the ring updates), and the output projection, in place of some ten (local) to thirty (LSH)
-torch operations that each cost more in dispatch than in arithmetic. generate.LSHCache and LocalCache
+torch operations that each cost more in dispatch than in arithmetic. caches.LSHCache and LocalCache
 hold the state (their eager steps are the reference, tests/test_generate.py) and hand it here after
 prefill where the compiled core serves: on the CPU, in float32 or float64.
 """
@@ -49,7 +49,7 @@ def _buffers(weight: torch.Tensor, batch: int, heads: int, d: int, scratch: int)
 
 
 class LSHStep(_Step):
-    """The attention step of ``cache`` (a generate.LSHCache after prefill) for ``batch`` rows."""
+    """The attention step of ``cache`` (a caches.LSHCache after prefill) for ``batch`` rows."""
 
     def __init__(self, cache, batch: int):
         heads, d, window = cache.n_heads, cache.d_head, cache.window
@@ -71,7 +71,7 @@ class LSHStep(_Step):
 
 
 class LocalStep(_Step):
-    """The attention step of ``cache`` (a generate.LocalCache after prefill) for ``batch`` rows: the query
+    """The attention step of ``cache`` (a caches.LocalCache after prefill) for ``batch`` rows: the query
     sees its chunk and the ``before`` chunks before it."""
 
     def __init__(self, cache, batch: int):

@@ -142,8 +142,10 @@ class LocalSelfAttention(_SeparateQKV):
     def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None,
                 n_hashes: int | None = None) -> torch.Tensor:
         check_layer_inputs(self, x, key_valid)
-        length = x.shape[1]
+        length, unmasked = x.shape[1], key_valid is None
         x, key_valid = pad_to_multiple(x, key_valid, self.band.chunk_length)
+        if unmasked and self.band.causal and self.band.rule == "local":
+            key_valid = None   # the padding follows every real query: causal masking keeps it out (model.py)
         q = split_heads(self.q(x), self.n_heads)
         k = split_heads(self.k(x), self.n_heads) / math.sqrt(self.d_head)
         v = split_heads(self.v(x), self.n_heads)

@@ -142,11 +142,14 @@ class ReformerLM(nn.Module):
         length = input_ids.shape[1]
         extra = -length % cfg.pad_multiple
         if extra:
-            # Pad once here, so every chunked layer sees a multiple of its chunk length.
-            if key_valid is None:
-                key_valid = torch.ones_like(input_ids, dtype=torch.bool)
+            # Pad once here, so every chunked layer sees a multiple of its chunk length. A causal model
+            # with the bucket window needs no mask for it: the padding comes after every real query, and
+            # in that window (bands.py) a query reaches earlier positions only, in every layer kind. Without
+            # the mask the compiled core also serves local layers at such lengths.
             input_ids = F.pad(input_ids, (0, extra))
-            key_valid = F.pad(key_valid, (0, extra), value=False)
+            if key_valid is not None or not (cfg.causal and cfg.lsh_window == "bucket"):
+                valid = torch.ones_like(input_ids[:, :length], dtype=torch.bool) if key_valid is None else key_valid
+                key_valid = F.pad(valid, (0, extra), value=False)
 
         x = self.embed(input_ids, torch.arange(input_ids.shape[1], device=input_ids.device))
         y1, y2 = self.stack(x, x, key_valid, n_hashes, reuse_outputs=private)

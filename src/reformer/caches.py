@@ -27,6 +27,7 @@ from .ops.keys import key_scale
 from .ops.layout import split_heads
 from .ops.native.decoding import LocalStep, LSHStep
 
+
 class _Growing:
     """A (batch, heads, [rounds,] length, ...) tensor that grows along ``dim`` without re-copying."""
 

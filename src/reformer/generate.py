@@ -18,6 +18,7 @@ from .nn.model import ReformerLM
 from .nn.reversible import reversible_step
 from .sampling import check_sampling, penalise_repeats, sample
 
+
 def _bound_layer_norm(norm: torch.nn.LayerNorm) -> Callable[[torch.Tensor], torch.Tensor]:
     """norm's forward with its parameters bound as plain tensors.
 

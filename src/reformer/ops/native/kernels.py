@@ -2,11 +2,11 @@
 name, and the checks that keep a bad argument from reaching C.
 
 Each structure mirrors its C namesake field by field (ForwardCall, BackwardCall, ScatterCall, HashCall,
-RoundSpansCall; DecodeCall and LocalDecodeCall of decode.c, filled by ops/native/decoding.py). The wrappers check what would make the C code read or write out of bounds (dtypes,
-devices, contiguity, sizes, and the range of every index: spans within the window, row offsets within
-their tensor, orders within the positions) and raise ValueError naming the argument, so that no argument
-crashes the process. The range checks are a few reductions over n indices, next to the O(n x window x d)
-work of a call.
+RoundSpansCall; DecodeCall and LocalDecodeCall of decode.c, filled by ops/native/decoding.py). The wrappers
+check what would make the C code read or write out of bounds (dtypes, devices, contiguity, sizes, and the
+range of every index: spans within the window, row offsets within their tensor, orders within the positions)
+and raise ValueError naming the argument, so that no argument crashes the process. The range checks are a few
+reductions over n indices, next to the O(n x window x d) work of a call.
 """
 
 from __future__ import annotations

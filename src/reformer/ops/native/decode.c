@@ -88,6 +88,22 @@ static void D(buckets)(const DecodeCall *a, const T *q, const T *hash, T *rotate
     }
 }
 
+/* out (d) = the values weighed by the softmax of scores (n of them, top their maximum): value row i at
+   values + offset[i], or at values + i * stride where offset is NULL. */
+static void D(weigh)(T *out, T *scores, int64_t n, T top, const T *values, const int64_t *offset, int64_t stride,
+                     int64_t d) {
+    T total = 0;
+    for (int64_t i = 0; i < n; i++)
+        total += scores[i] = exp(scores[i] - top);
+    for (int64_t k = 0; k < d; k++)
+        out[k] = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const T p = scores[i] / total, *value = values + (offset ? offset[i] : i * stride);
+        for (int64_t k = 0; k < d; k++)
+            out[k] += p * value[k];
+    }
+}
+
 void D(decode_lsh)(const DecodeCall *a) {
     const int64_t d = a->d, w = a->window, row = 2 * d;
     T *scores = (T *)a->scores;
@@ -128,20 +144,10 @@ void D(decode_lsh)(const DecodeCall *a) {
             }
         }
         /* One softmax over them all weighs their values; with none, the query's only key is itself. */
-        if (n == 0) {
+        if (n == 0)
             memcpy(out, v, d * sizeof(T));
-        } else {
-            T total = 0;
-            for (int64_t i = 0; i < n; i++)
-                total += scores[i] = exp(scores[i] - top);
-            for (int64_t k = 0; k < d; k++)
-                out[k] = 0;
-            for (int64_t i = 0; i < n; i++) {
-                const T p = scores[i] / total, *value = cache + rows[i];
-                for (int64_t k = 0; k < d; k++)
-                    out[k] += p * value[k];
-            }
-        }
+        else
+            D(weigh)(out, scores, n, top, cache, rows, 0, d);
         /* The new position enters its bucket's ring in every round, in the oldest member's slot. */
         for (int64_t r = 0; r < a->rounds; r++) {
             int64_t *count = counts + r * a->n_buckets + buckets[r];
@@ -158,7 +164,7 @@ void D(decode_local)(const LocalDecodeCall *a) {
         const T *q = (const T *)a->qkv + s * 3 * d;
         T *cache = (T *)a->cache + s * a->capacity * row, *out = (T *)a->out + s * d;
         memcpy(cache + a->position * row, q + d, row * sizeof(T));
-        T top = -INFINITY, total = 0;
+        T top = -INFINITY;
         for (int64_t i = 0; i < n; i++) {
             const T *key = cache + (a->first + i) * row;
             T score = 0;
@@ -167,15 +173,7 @@ void D(decode_local)(const LocalDecodeCall *a) {
             scores[i] = score;
             top = score > top ? score : top;
         }
-        for (int64_t i = 0; i < n; i++)
-            total += scores[i] = exp(scores[i] - top);
-        for (int64_t k = 0; k < d; k++)
-            out[k] = 0;
-        for (int64_t i = 0; i < n; i++) {
-            const T p = scores[i] / total, *value = cache + (a->first + i) * row + d;
-            for (int64_t k = 0; k < d; k++)
-                out[k] += p * value[k];
-        }
+        D(weigh)(out, scores, n, top, cache + a->first * row + d, NULL, row, d);
     }
 }
 

@@ -235,8 +235,45 @@ def test_experiment_settings_name_the_field_that_is_not_a_positive_int(make, fie
         make()
 
 
-def test_duplication_curriculum_stages_must_fit_the_model():
+def test_curriculum_stages_must_fit_the_model():
     with pytest.raises(ValueError, match="curriculum"):
         DuplicationSettings(length=512, curriculum=((1024, 10),))
     with pytest.raises(ValueError, match="curriculum"):
         DuplicationSettings(curriculum=((256, 0),))
+    with pytest.raises(ValueError, match="curriculum.*room for the pairs"):
+        LongRangeSettings(curriculum=((32, 10),))   # 16 pairs and their query block need 48 positions
+    with pytest.raises(ValueError, match="curriculum.*at most train_length"):
+        LongRangeSettings(curriculum=((512, 10),))
+    with pytest.raises(ValueError, match="curriculum"):
+        LongRangeSettings(curriculum=((72, 10),))   # not a multiple of the chunk
+
+
+def test_curriculum_stages_carry_the_weights_and_moments_to_a_rebuilt_model():
+    """A stage whose model_at builds a new model (as long-range does, to size the attention for the length)
+    trains exactly as one that keeps the model: weights and Adam's moments carry over."""
+    from reformer.experiments.curriculum import train_stages
+    from reformer.nn.head import next_token_loss
+
+    config = ReformerConfig(vocab_size=11, d_model=16, n_heads=2, d_head=8, n_layers=2, d_ff=32,
+                            attn_layers=("local", "lsh"), chunk_length=8, n_hashes=2, max_seq_len=64)
+
+    def batch_loss(model, length, n, generator):
+        ids = torch.randint(0, 11, (n, length), generator=generator)
+        logits = model(ids)
+        return next_token_loss(logits, ids), (logits[:, :-1].argmax(-1) == ids[:, 1:]).float().mean()
+
+    def keep(length, previous):
+        return previous or ReformerLM(config).train()
+
+    def rebuild(length, previous):
+        model = ReformerLM(config).train()
+        if previous is not None:
+            model.load_state_dict(previous.state_dict())
+        return model
+
+    runs = [train_stages([(32, 3), (64, 3)], model_at, batch_loss, name="m", lr=1e-2, warmup=1, batch_size=2,
+                         seed=5, log=lambda _: None) for model_at in (keep, rebuild)]
+    (kept, kept_curve, _), (rebuilt, rebuilt_curve, _) = runs
+    assert kept_curve == rebuilt_curve and len(kept_curve) == 6
+    for name, weight in kept.state_dict().items():
+        assert torch.equal(weight, rebuilt.state_dict()[name]), name

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from ..nn.head import next_token_loss
 from ..nn.model import ReformerLM
 from ..ops.hashing import derive_seed
 from ..plotting import pyplot, save_figure
-from ..training.loop import TrainConfig, build_optimizer, lr_factor, lsh_layers
+from .curriculum import check_curriculum, train_stages
 from .report import Report, check_positive_ints, full_attention_overrides, is_positive_int, markdown_table, same_weights
 
 FULL, LOCAL = "full", "local"
@@ -62,11 +61,8 @@ class DuplicationSettings:
             raise ValueError(f"length must be an even int >= 4 (0 w 0 w), got {self.length!r}")
         if self.length % self.chunk_length:
             raise ValueError(f"length ({self.length}) must be a multiple of chunk_length ({self.chunk_length})")
-        for stage in self.curriculum:
-            if (not isinstance(stage, (tuple, list)) or len(stage) != 2 or not all(map(is_positive_int, stage))
-                    or stage[0] % 2 or not 4 <= stage[0] <= self.length):
-                raise ValueError(f"curriculum holds (length, steps) pairs of positive ints with an even length "
-                                 f"in [4, length={self.length}], got {stage!r}")
+        check_curriculum(self.curriculum, lambda n: n % 2 == 0 and 4 <= n <= self.length,
+                         f"an even length in [4, length={self.length}]")
         for mode in (*self.train_modes, *self.eval_modes):
             if mode not in NAMED_MODES and not is_positive_int(mode):
                 raise ValueError(f"train_modes and eval_modes hold 'full', 'local' or a number of rounds >= 1, "
@@ -120,39 +116,15 @@ def copy_loss(model: ReformerLM, batch: torch.Tensor) -> tuple[torch.Tensor, tor
 def train_model(settings: DuplicationSettings, mode, seed: int, log=print) -> tuple[ReformerLM, list, float]:
     """Train one model through the curriculum's stages, then ``steps`` at ``length``; returns it, its curve
     [(step, loss, accuracy)] (steps counted over all stages) and the seconds it took."""
-    torch.manual_seed(seed)
-    model = ReformerLM(model_config(settings, mode)).train()
-    stages = [*settings.curriculum, (settings.length, settings.steps)]
-    total = sum(steps for _, steps in stages)
-    optimizer = build_optimizer(model.parameters(), TrainConfig(lr=settings.lr))
-    curve, began, done = [], time.perf_counter(), 0
-    every = max(1, total // 10)
-    for length, steps in stages:
-        cfg = TrainConfig(steps=steps, batch_size=settings.batch_size, lr=settings.lr,
-                          warmup=min(settings.warmup, steps - 1), seed=seed)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] = settings.lr   # each stage schedules from the peak again
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s, cfg=cfg: lr_factor(s, cfg))
-        for _ in range(steps):
-            generator = torch.Generator().manual_seed(derive_seed(seed, done))
-            batch = duplication_batch(settings.batch_size, length, settings.n_symbols, generator)
-            for layer in lsh_layers(model):
-                layer.hash_calls.fill_(done)   # fresh rotations each step, reproducible from the seed
-            loss, accuracy = copy_loss(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            optimizer.step()
-            scheduler.step()
-            done += 1
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"training {mode_name(mode)} diverged at step {done} at length {length} "
-                                         f"(loss {loss.item()}); lower the learning rate")
-            if done % every == 0 or done == total:
-                curve.append((done, loss.item(), accuracy.item()))
-                log(f"  train {mode_name(mode)} at {length}: step {done}/{total} loss {loss.item():.3f} "
-                    f"accuracy {accuracy.item():.3f} ({time.perf_counter() - began:.0f} s)")
-    return model.eval(), curve, time.perf_counter() - began
+    def model_at(length: int, previous: ReformerLM | None) -> ReformerLM:
+        return previous or ReformerLM(model_config(settings, mode)).train()   # built for ``length`` throughout
+
+    def batch_loss(model: ReformerLM, length: int, n: int, generator: torch.Generator):
+        return copy_loss(model, duplication_batch(n, length, settings.n_symbols, generator))
+
+    return train_stages([*settings.curriculum, (settings.length, settings.steps)], model_at, batch_loss,
+                        name=mode_name(mode), lr=settings.lr, warmup=settings.warmup,
+                        batch_size=settings.batch_size, seed=seed, log=log)
 
 
 @torch.no_grad()

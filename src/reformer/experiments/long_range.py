@@ -9,8 +9,15 @@ sequence; values are uniform (chance is 1 / n_values).
 The model has no position embeddings and two layers: a local one, then the retrieving one. With no
 positions, what the retrieving layer can use is content: the query's key must find the pair token that
 holds it. Nothing in the model depends on the length, so a model trained at ``train_length`` runs at any
-length; LSH gets buckets in proportion to the length (2 * length / chunk), which keeps every bucket as full
-as in training. The local baseline (two local layers) sees 2 * chunk_length positions back, never the pairs.
+length; LSH gets buckets in proportion to the length (2 * length / lsh_chunk_length), which keeps every
+bucket as full as in training. The local baseline (two local layers) sees 2 * chunk_length positions back,
+never the pairs.
+
+Training runs through a curriculum (curriculum.py): at length 64 the pair is one of a few dozen earlier
+positions and the match between a key and its pair token is found; from scratch at 256 it is not. The LSH
+chunk is longer than the local one because a query sees only the lsh_chunk_length items before it in its
+bucket's sorted run, and the query block's own 2 * n_pairs tokens come last in every bucket: with a window
+of 16 they crowd out the pairs.
 
 Modes: FULL (the LSH layer with one bucket and one chunk over the sequence: shared-QK full attention with
 the same weights, quadratic in the length), LOCAL, or a number of LSH rounds. A model trained in FULL or
@@ -34,7 +41,7 @@ from ..nn.head import token_loss
 from ..nn.model import ReformerLM
 from ..ops.hashing import derive_seed
 from ..plotting import pyplot, save_figure
-from ..training.loop import TrainConfig, build_optimizer, lr_factor, lsh_layers
+from .curriculum import check_curriculum, train_stages
 from .report import Report, check_positive_ints, full_attention_overrides, is_positive_int, markdown_table, same_weights
 
 FULL, LOCAL = "full", "local"
@@ -43,7 +50,8 @@ FULL, LOCAL = "full", "local"
 @dataclass
 class LongRangeSettings:
     """The task, the model and the budget. ``train_modes``: FULL, LOCAL or a number of LSH rounds; models
-    not trained LOCAL are evaluated with full attention and with each of ``eval_rounds``."""
+    not trained LOCAL are evaluated with full attention and with each of ``eval_rounds``. ``curriculum``:
+    (length, steps) stages trained before the ``steps`` at ``train_length``."""
 
     train_length: int = 256
     eval_lengths: tuple = (256, 1024, 4096, 16384)
@@ -52,20 +60,22 @@ class LongRangeSettings:
     n_values: int = 4
     n_filler: int = 16
     chunk_length: int = 16
+    lsh_chunk_length: int = 64
     d_model: int = 64
-    steps: int = 3000
+    curriculum: tuple = ((64, 1200), (128, 300))
+    steps: int = 600
     batch_size: int = 32
     lr: float = 3e-3
     warmup: int = 100
     eval_sequences: int = 32
     eval_batch: int = 8
-    train_modes: tuple = (FULL, 2, LOCAL)
+    train_modes: tuple = (FULL, 1, 2, 4, LOCAL)
     eval_rounds: tuple = (1, 2, 4, 8)
     distance_bins: int = 8
 
     def __post_init__(self) -> None:
         check_positive_ints(self, ("train_length", "n_pairs", "n_keys", "n_values", "n_filler", "chunk_length",
-                                   "d_model", "steps", "batch_size", "eval_sequences", "eval_batch",
+                                   "lsh_chunk_length", "d_model", "steps", "batch_size", "eval_sequences", "eval_batch",
                                    "distance_bins"))
         if self.n_keys < self.n_pairs:
             raise ValueError(f"n_keys ({self.n_keys}) must be at least n_pairs ({self.n_pairs}): keys are distinct")
@@ -77,6 +87,10 @@ class LongRangeSettings:
                 raise ValueError(f"length {length} leaves the {self.n_pairs} pairs fewer positions than "
                                  f"pairs before the query block of {2 * self.n_pairs}; use longer sequences "
                                  "or fewer pairs")
+        check_curriculum(self.curriculum, lambda n: n % self.chunk_length == 0 and n <= self.train_length
+                         and context_slot(self, n) >= 1,
+                         f"a length that is a multiple of chunk_length ({self.chunk_length}), at most "
+                         f"train_length ({self.train_length}) and at least {3 * self.n_pairs} (room for the pairs)")
         for mode in self.train_modes:
             if mode not in (LOCAL, FULL) and not is_positive_int(mode):
                 raise ValueError(f"train_modes hold 'full', 'local' or a number of LSH rounds >= 1, got {mode!r}")
@@ -94,7 +108,7 @@ def context_slot(settings: "LongRangeSettings", length: int) -> int:
     return (length - 2 * settings.n_pairs) // settings.n_pairs
 
 
-QUICK = LongRangeSettings(eval_lengths=(256, 1024), steps=150, batch_size=16, eval_sequences=8,
+QUICK = LongRangeSettings(eval_lengths=(256, 1024), curriculum=((64, 100),), steps=60, batch_size=16, eval_sequences=8,
                           train_modes=(FULL, LOCAL), eval_rounds=(1, 2), distance_bins=4)
 
 
@@ -132,7 +146,8 @@ def pair_token(settings: LongRangeSettings, key: torch.Tensor, value: torch.Tens
 
 def model_config(settings: LongRangeSettings, mode, length: int, hash_seed: int = 0) -> ReformerConfig:
     """Two layers, a local one and then the retrieving one, no position embeddings. ``mode``: an LSH layer
-    with ``mode`` rounds and 2 * length / chunk buckets (at least 2); FULL: the same layer with one bucket
+    with ``mode`` rounds, chunks of lsh_chunk_length and 2 * length / lsh_chunk_length buckets (at least
+    2); FULL: the same layer with one bucket
     and one chunk over the sequence (shared-QK full attention, the same weights); LOCAL: a second local
     layer."""
     c = settings.chunk_length
@@ -141,7 +156,8 @@ def model_config(settings: LongRangeSettings, mode, length: int, hash_seed: int 
     elif mode == LOCAL:
         attention = dict(chunk_length=c)
     else:
-        attention = dict(n_hashes=mode, n_buckets=max(2, 2 * length // c), chunk_length=c)
+        lc = settings.lsh_chunk_length
+        attention = dict(n_hashes=mode, n_buckets=max(2, 2 * length // lc), chunk_length=lc)
     return ReformerConfig(vocab_size=settings.vocab_size, d_model=settings.d_model, n_heads=2,
                           d_head=settings.d_model // 2, n_layers=2, d_ff=2 * settings.d_model,
                           attn_layers=(LOCAL, LOCAL if mode == LOCAL else "lsh"), local_chunk_length=c,
@@ -162,38 +178,23 @@ def recall_logits(model: ReformerLM, ids: torch.Tensor, query: torch.Tensor) -> 
     return logits.gather(1, query[..., None].expand(-1, -1, logits.shape[-1]))
 
 
-def train_model(settings: LongRangeSettings, mode: str, seed: int, log=print) -> tuple[ReformerLM, list, float]:
-    """Train one model at train_length; returns it (eval mode), its curve [(step, loss, accuracy)] and the
-    seconds it took."""
-    torch.manual_seed(seed)
-    model = ReformerLM(model_config(settings, mode, settings.train_length)).train()
-    cfg = TrainConfig(steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
-                      warmup=settings.warmup, seed=seed)
-    optimizer = build_optimizer(model.parameters(), cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    curve, began = [], time.perf_counter()
-    every = max(1, settings.steps // 10)
-    for step in range(settings.steps):
-        generator = torch.Generator().manual_seed(derive_seed(seed, step))
-        ids, query, answer, _ = recall_batch(settings.batch_size, settings.train_length, settings, generator)
-        for layer in lsh_layers(model):
-            layer.hash_calls.fill_(step)   # fresh rotations each step, reproducible from the seed
+def train_model(settings: LongRangeSettings, mode, seed: int, log=print) -> tuple[ReformerLM, list, float]:
+    """Train one model through the curriculum, then ``steps`` at train_length; returns it (eval mode), its
+    curve [(step, loss, accuracy)] and the seconds it took."""
+    def model_at(length: int, previous: ReformerLM | None) -> ReformerLM:
+        model = ReformerLM(model_config(settings, mode, length)).train()   # attention sized for the stage
+        if previous is not None:
+            model.load_state_dict(previous.state_dict())
+        return model
+
+    def batch_loss(model: ReformerLM, length: int, n: int, generator: torch.Generator):
+        ids, query, answer, _ = recall_batch(n, length, settings, generator)
         logits = recall_logits(model, ids, query)
-        loss = token_loss(logits, answer)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        optimizer.step()
-        scheduler.step()
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"training {mode_name(mode)} diverged at step {step + 1} "
-                                     f"(loss {loss.item()}); lower the learning rate")
-        if (step + 1) % every == 0 or step + 1 == settings.steps:
-            accuracy = (logits.argmax(-1) == answer).float().mean().item()
-            curve.append((step + 1, loss.item(), accuracy))
-            log(f"  train {mode_name(mode)}: step {step + 1}/{settings.steps} loss {loss.item():.3f} "
-                f"accuracy {accuracy:.3f} ({time.perf_counter() - began:.0f} s)")
-    return model.eval(), curve, time.perf_counter() - began
+        return token_loss(logits, answer), (logits.argmax(-1) == answer).float().mean()
+
+    return train_stages([*settings.curriculum, (settings.train_length, settings.steps)], model_at, batch_loss,
+                        name=mode_name(mode), lr=settings.lr, warmup=settings.warmup,
+                        batch_size=settings.batch_size, seed=seed, log=log)
 
 
 def mode_name(mode) -> str:
@@ -239,7 +240,7 @@ def time_step(settings: LongRangeSettings, mode, length: int, timeout: float = 6
     from . import speed
 
     command = [sys.executable, "-m", __name__, str(mode), str(length), str(settings.chunk_length),
-               str(settings.d_model), str(settings.n_pairs)]
+               str(settings.lsh_chunk_length), str(settings.d_model), str(settings.n_pairs)]
     return speed.measure(command, {"mode": mode_name(mode), "length": length, "batch": 1}, 1, timeout)
 
 
@@ -312,14 +313,17 @@ def _write(report: Report, settings: LongRangeSettings, points: list, curves: di
     step_rows = [[s["mode"], f"{s['seconds']:.2f} s" if "seconds" in s else s["error"],
                   f"{s['peak_rss_mib'] / 1024:.2f} GiB" if "peak_rss_mib" in s else ""] for s in steps]
     s = settings
+    stages = ", then ".join(f"{steps} at length {length}" for length, steps in
+                            [*s.curriculum, (s.train_length, s.steps)])
     body = (f"Associative recall: {s.n_pairs} pair tokens (each holds a key and its value) spread through "
             f"filler, then a query block naming every key again; accuracy (%) on the value after each queried "
             f"key (chance {100 / s.n_values:.1f}%). Models: 2 layers (local, then the retrieving layer), "
-            f"d_model {s.d_model}, no position embeddings, chunk {s.chunk_length}; trained at length "
-            f"{s.train_length} ({s.steps} steps of {s.batch_size} sequences), evaluated on {s.eval_sequences} "
-            f"held-out sequences ({s.eval_sequences * s.n_pairs} queries) per length with fresh hashing "
-            "rotations per batch. Full is the LSH layer with one bucket over the whole sequence (the same "
-            "weights); LSH-r has 2 * length / chunk buckets. Training seconds: "
+            f"d_model {s.d_model}, no position embeddings, local chunk {s.chunk_length}, LSH chunk "
+            f"{s.lsh_chunk_length}; trained {stages} steps of {s.batch_size} sequences (each stage with its "
+            f"own warmup and cosine schedule), evaluated on {s.eval_sequences} held-out sequences "
+            f"({s.eval_sequences * s.n_pairs} queries) per length with fresh hashing rotations per batch. "
+            "Full is the LSH layer with one bucket over the whole sequence (the same weights); LSH-r has "
+            "2 * length / LSH chunk buckets. Training seconds: "
             + ", ".join(f"{k} {v:.0f} s" for k, v in train_seconds.items()) + ".\n\n"
             "By sequence length:\n\n" + markdown_table(["trained", "evaluated", *lengths], rows)
             + "\n\nBy distance back to the pair (tokens), all lengths pooled:\n\n"
@@ -340,11 +344,11 @@ def _step_main() -> None:
 
     from .speed import peak_rss_mib
 
-    mode, length, chunk, d_model, n_pairs = sys.argv[1:6]
+    mode, length, chunk, lsh_chunk, d_model, n_pairs = sys.argv[1:7]
     mode = mode if mode in (FULL, LOCAL) else int(mode)
     length = int(length)
-    settings = LongRangeSettings(chunk_length=int(chunk), d_model=int(d_model), n_pairs=int(n_pairs),
-                                 train_length=length, eval_lengths=(length,))
+    settings = LongRangeSettings(chunk_length=int(chunk), lsh_chunk_length=int(lsh_chunk), d_model=int(d_model),
+                                 n_pairs=int(n_pairs), train_length=length, eval_lengths=(length,))
     torch.manual_seed(0)
     for _ in range(2):
         model = ReformerLM(model_config(settings, mode, length)).train()

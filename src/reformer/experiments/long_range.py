@@ -10,14 +10,16 @@ The model has no position embeddings and two layers: a local one, then the retri
 positions, what the retrieving layer can use is content: the query's key must find the pair token that
 holds it. Nothing in the model depends on the length, so a model trained at ``train_length`` runs at any
 length; LSH gets buckets in proportion to the length (2 * length / lsh_chunk_length), which keeps every
-bucket as full as in training. The local baseline (two local layers) sees 2 * chunk_length positions back,
-never the pairs.
+bucket as full as in training. The local baseline (two local layers) sees 2 * chunk_length positions back:
+only the pairs that lie that close to their query.
 
-Training runs through a curriculum (curriculum.py): at length 64 the pair is one of a few dozen earlier
-positions and the match between a key and its pair token is found; from scratch at 256 it is not. The LSH
-chunk is longer than the local one because a query sees only the lsh_chunk_length items before it in its
-bucket's sorted run, and the query block's own 2 * n_pairs tokens come last in every bucket: with a window
-of 16 they crowd out the pairs.
+Training runs through a curriculum (curriculum.py): at lengths 64 and 128 the pair is one of a few dozen
+earlier positions and the match between a key and its pair token can be found; from scratch at 256 it is
+not. With one or two LSH rounds whether it is found is fragile: rounding differences (another torch thread
+count) can decide it, since a query meets its pair only when they share a bucket. The LSH chunk is longer
+than the local one because a query sees only the lsh_chunk_length items before it in its bucket's sorted
+run, and the query block's own 2 * n_pairs tokens come last in every bucket: with a window of 16 they crowd
+out the pairs.
 
 Modes: FULL (the LSH layer with one bucket and one chunk over the sequence: shared-QK full attention with
 the same weights, quadratic in the length), LOCAL, or a number of LSH rounds. A model trained in FULL or
@@ -284,22 +286,7 @@ def _write(report: Report, settings: LongRangeSettings, points: list, curves: di
     def pooled(trained, mode):
         return [pr for p in points if (p["trained"], p["mode"]) == (trained, mode) for pr in p["pairs"]]
 
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    centres = [math.sqrt(max(low, 1.0) * high) for low, high in itertools.pairwise(edges)]
-    for trained, mode in rows_of:
-        acc = by_distance(pooled(trained, mode), edges)
-        xs = [x for x, a in zip(centres, acc, strict=True) if a is not None]
-        ax.plot(xs, [100 * a for a in acc if a is not None], "o-", label=f"trained {trained}, eval {mode}")
-    ax.axhline(100 / settings.n_values, color="grey", ls=":", label="chance")
-    ax.axvline(settings.train_length, color="grey", ls="--", lw=0.8, label="training length")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("distance from the query back to its pair (tokens)")
-    ax.set_ylabel("recall accuracy (%)")
-    ax.set_title(f"long-range recall{' (--quick)' if quick else ''}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    save_figure(fig, report.path("distance.png"))
+    plot_distance(points, settings, edges, quick, report.path("distance.png"))
 
     def cell(trained, mode, length):
         p = next((p for p in points if (p["trained"], p["mode"], p["length"]) == (trained, mode, length)), None)
@@ -313,14 +300,14 @@ def _write(report: Report, settings: LongRangeSettings, points: list, curves: di
     step_rows = [[s["mode"], f"{s['seconds']:.2f} s" if "seconds" in s else s["error"],
                   f"{s['peak_rss_mib'] / 1024:.2f} GiB" if "peak_rss_mib" in s else ""] for s in steps]
     s = settings
-    stages = ", then ".join(f"{steps} at length {length}" for length, steps in
+    stages = ", then ".join(f"{steps} steps at length {length}" for length, steps in
                             [*s.curriculum, (s.train_length, s.steps)])
     body = (f"Associative recall: {s.n_pairs} pair tokens (each holds a key and its value) spread through "
             f"filler, then a query block naming every key again; accuracy (%) on the value after each queried "
             f"key (chance {100 / s.n_values:.1f}%). Models: 2 layers (local, then the retrieving layer), "
             f"d_model {s.d_model}, no position embeddings, local chunk {s.chunk_length}, LSH chunk "
-            f"{s.lsh_chunk_length}; trained {stages} steps of {s.batch_size} sequences (each stage with its "
-            f"own warmup and cosine schedule), evaluated on {s.eval_sequences} held-out sequences "
+            f"{s.lsh_chunk_length}; trained for {stages}, batches of {s.batch_size} sequences (each stage with "
+            f"its own warmup and cosine schedule), evaluated on {s.eval_sequences} held-out sequences "
             f"({s.eval_sequences * s.n_pairs} queries) per length with fresh hashing rotations per batch. "
             "Full is the LSH layer with one bucket over the whole sequence (the same weights); LSH-r has "
             "2 * length / LSH chunk buckets. Training seconds: "
@@ -334,6 +321,39 @@ def _write(report: Report, settings: LongRangeSettings, points: list, curves: di
     results = {"points": points, "curves": curves, "train_seconds": train_seconds, "steps": steps,
                "distance_edges": edges}
     return report.write(results, "Long-range recall", body)
+
+
+def plot_distance(points: list, settings: LongRangeSettings, edges: list[float], quick: bool, path: Path) -> None:
+    """Accuracy against distance: one panel per trained model, one line per evaluated attention."""
+    trained_names = list(dict.fromkeys(p["trained"] for p in points))
+    eval_names = list(dict.fromkeys(p["mode"] for p in points))
+    colour = {name: f"C{i}" for i, name in enumerate(eval_names)}
+    centres = [math.sqrt(max(low, 1.0) * high) for low, high in itertools.pairwise(edges)]
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(trained_names), figsize=(2.6 * len(trained_names) + 1.6, 3.4), sharey=True,
+                             squeeze=False)
+    for ax, trained in zip(axes[0], trained_names, strict=True):
+        for mode in eval_names:
+            pairs = [pr for p in points if (p["trained"], p["mode"]) == (trained, mode) for pr in p["pairs"]]
+            if not pairs:
+                continue
+            acc = by_distance(pairs, edges)
+            xs = [x for x, a in zip(centres, acc, strict=True) if a is not None]
+            ax.plot(xs, [100 * a for a in acc if a is not None], "o-", ms=3, color=colour[mode], label=mode)
+        ax.axhline(100 / settings.n_values, color="grey", ls=":")
+        ax.axvline(settings.train_length, color="grey", ls="--", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"trained {trained}", fontsize=9)
+        ax.set_xlabel("distance back (tokens)", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("recall accuracy (%)")
+    handles = [plt.Line2D([], [], color=colour[m], marker="o", ms=3, label=f"eval {m}") for m in eval_names]
+    handles += [plt.Line2D([], [], color="grey", ls=":", label="chance"),
+                plt.Line2D([], [], color="grey", ls="--", lw=0.8, label="training length")]
+    # Beside the last panel: tight_layout (in save_figure) then leaves room for it.
+    axes[0][-1].legend(handles=handles, loc="center left", bbox_to_anchor=(1.03, 0.5), fontsize=8)
+    fig.suptitle(f"long-range recall{' (--quick)' if quick else ''}", fontsize=10)
+    save_figure(fig, path)
 
 
 def _step_main() -> None:

@@ -113,6 +113,17 @@ def test_local_duplication_mode_cannot_see_the_first_copy():
         assert not torch.allclose(full(changed)[:, 40:], full(batch)[:, 40:], atol=1e-3)
 
 
+def test_a_report_names_the_cpu_and_the_vector_instructions_its_numbers_depend_on(tmp_path):
+    """float32 training takes another path on another CPU: a result must say which one it ran on."""
+    from reformer.experiments.report import Report
+
+    record = Report("demo", tmp_path, seed=0, quick=True, settings={}).write({"x": 1}, "Demo", "body")
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert record["machine"]["cpu_capability"] == capability and record["machine"]["cpu"]
+    assert json.loads((tmp_path / "results.json").read_text())["machine"] == record["machine"]
+    assert f"{record['machine']['cpu']} ({capability})" in (tmp_path / "README.md").read_text()
+
+
 @pytest.mark.parametrize("length", [50, 64])
 def test_full_attention_overrides_make_lsh_layers_attend_to_every_earlier_position(length):
     torch.manual_seed(0)

@@ -22,8 +22,21 @@ import torch
 from ..files import write_atomically
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else the platform's processor."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict[str, Any]:
-    """The software and hardware a result was measured on."""
+    """The software and hardware a result was measured on. The CPU and the vector instructions torch's
+    kernels use decide float32 rounding, and a training run that is bitwise repeatable on one CPU can take
+    another path on another, so both are recorded."""
     from ..version import __version__
 
     return {
@@ -32,6 +45,8 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -125,8 +140,8 @@ class Report:
                  f"- Seed: {self.seed}; wall time: {head['wall_seconds']:.0f} s"
                  f"{' (quick mode: a smoke test, not a result)' if self.quick else ''}\n"
                  f"- Versions: reformer {m['reformer']}, torch {m['torch']}, Python {m['python']}\n"
-                 f"- Machine: {m['platform']}, {m['cpus']} CPUs ({m['torch_threads']} torch thread(s)), "
-                 f"{m['device']}\n"
+                 f"- Machine: {m['platform']}, {m['cpu']} ({m['cpu_capability']}), {m['cpus']} CPUs "
+                 f"({m['torch_threads']} torch thread(s)), {m['device']}\n"
                  f"- Settings: `{json.dumps(self.settings, sort_keys=True)}`\n")
         write_atomically(self.path("README.md"), f"# {title}\n\n{about}\n{body.strip()}\n")
         return record

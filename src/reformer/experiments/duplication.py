@@ -44,7 +44,7 @@ class DuplicationSettings:
     length: int = 1024
     n_symbols: int = 127
     chunk_length: int = 32
-    steps: int = 400
+    steps: int = 800
     batch_size: int = 8
     lr: float = 2e-3
     warmup: int = 50

@@ -1,5 +1,5 @@
-"""Leaf helpers for files: the cache folder and atomic writes (imported by the kernels' loader, the corpora
-and the run folders alike, so they sit below all of them)."""
+"""Leaf helpers for files: the cache folder, atomic writes and /proc/cpuinfo (imported by the kernels' loader,
+the corpora, the run folders and the reports alike, so they sit below all of them)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,18 @@ from typing import Iterable
 def cache_dir() -> Path:
     """``$REFORMER_CACHE``, default ``~/.cache/reformer``: built kernels and concatenated corpora."""
     return Path(os.environ.get("REFORMER_CACHE", Path.home() / ".cache" / "reformer"))
+
+
+def cpuinfo(field: str) -> str | None:
+    """The first value of ``field`` (e.g. "model name", "flags") in Linux's /proc/cpuinfo; None elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == field:
+                return value.strip()
+    except OSError:
+        pass
+    return None
 
 
 def write_atomically(path: Path, data: bytes | str | Iterable[bytes]) -> None:

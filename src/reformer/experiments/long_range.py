@@ -16,10 +16,10 @@ only the pairs that lie that close to their query.
 Training runs through a curriculum (curriculum.py): at lengths 64 and 128 the pair is one of a few dozen
 earlier positions and the match between a key and its pair token can be found; from scratch at 256 it is
 not. With one or two LSH rounds whether it is found is fragile: rounding differences (another CPU, another
-torch thread count) can decide it, since a query meets its pair only when they share a bucket. The LSH chunk is longer
-than the local one because a query sees only the lsh_chunk_length items before it in its bucket's sorted
-run, and the query block's own 2 * n_pairs tokens come last in every bucket: with a window of 16 they crowd
-out the pairs.
+torch thread count) can decide it, since a query meets its pair only when they share a bucket. The LSH
+chunk is longer than the local one because a query sees only the lsh_chunk_length items before it in its
+bucket's sorted run, and the query block's own 2 * n_pairs tokens come last in every bucket: with a
+window of 16 they crowd out the pairs.
 
 Modes: FULL (the LSH layer with one bucket and one chunk over the sequence: shared-QK full attention with
 the same weights, quadratic in the length), LOCAL, or a number of LSH rounds. A model trained in FULL or

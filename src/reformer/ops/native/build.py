@@ -22,7 +22,7 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-from ...files import cache_dir
+from ...files import cache_dir, cpuinfo
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +49,7 @@ def compiler() -> str | None:
 
 def _cpu() -> str:
     """What -march=native depends on: the CPU's feature flags (Linux), else the platform's name."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor() + platform.machine()
+    return cpuinfo("flags") or platform.processor() + platform.machine()
 
 
 def _build(compiler_path: str, flags: list[str]) -> Path:

@@ -141,6 +141,26 @@ def evaluate(model: ReformerLM, settings: DuplicationSettings, mode, seed: int) 
     return correct / settings.eval_sequences
 
 
+def plot_training(curves: dict[str, list], settings: DuplicationSettings, quick: bool, path: Path) -> None:
+    """Training accuracy against the optimiser step, one line per trained model (curves: name -> [(step,
+    loss, accuracy), ...]), a dashed line where the curriculum doubles the length."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, curve in curves.items():
+        ax.plot([c[0] for c in curve], [100 * c[2] for c in curve], label=f"trained {name}")
+    boundary = 0
+    for _, steps in settings.curriculum:
+        boundary += steps
+        ax.axvline(boundary, color="grey", linestyle="--", linewidth=0.8)
+    lengths = ", ".join(str(length) for length, _ in [*settings.curriculum, (settings.length, 0)])
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("accuracy on the second copy (%, training batches)")
+    ax.set_title(f"duplication: training at lengths {lengths}{' (--quick)' if quick else ''}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure(fig, path)
+
+
 def run(out_dir: Path, quick: bool = False, seed: int = 0, log=print,
         settings: DuplicationSettings | None = None) -> dict[str, Any]:
     settings = settings or (QUICK if quick else DuplicationSettings())
@@ -153,17 +173,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, log=print,
                                         for m in settings.eval_modes}
         log(f"  {mode_name(train_mode)}: " + ", ".join(f"{k} {v:.1%}" for k, v in table[mode_name(train_mode)].items()))
 
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, curve in curves.items():
-        ax.plot([c[0] for c in curve], [100 * c[2] for c in curve], label=f"trained {name}")
-    ax.set_xlabel("optimiser step")
-    ax.set_ylabel("accuracy on the second copy (%, training batches)")
-    ax.set_title(f"duplication: training at length {settings.length}{' (--quick)' if quick else ''}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    save_figure(fig, report.path("training.png"))
-
+    plot_training(curves, settings, quick, report.path("training.png"))
     eval_names = [mode_name(m) for m in settings.eval_modes]
     stages = ", then ".join(f"{steps} at length {length}" for length, steps in
                             [*settings.curriculum, (settings.length, settings.steps)])

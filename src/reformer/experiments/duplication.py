@@ -16,6 +16,7 @@ the task (chance is 1 / n_symbols).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,11 +149,9 @@ def plot_training(curves: dict[str, list], settings: DuplicationSettings, quick:
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, curve in curves.items():
         ax.plot([c[0] for c in curve], [100 * c[2] for c in curve], label=f"trained {name}")
-    boundary = 0
-    for _, steps in settings.curriculum:
-        boundary += steps
-        ax.axvline(boundary, color="grey", linestyle="--", linewidth=0.8)
-    lengths = ", ".join(str(length) for length, _ in [*settings.curriculum, (settings.length, 0)])
+    for boundary in itertools.accumulate(steps for _, steps in settings.curriculum):
+        ax.axvline(boundary, color="grey", ls="--", lw=0.8)
+    lengths = ", ".join(str(length) for length in [*(n for n, _ in settings.curriculum), settings.length])
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("accuracy on the second copy (%, training batches)")
     ax.set_title(f"duplication: training at lengths {lengths}{' (--quick)' if quick else ''}")

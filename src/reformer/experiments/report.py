@@ -28,13 +28,14 @@ def machine() -> dict[str, Any]:
     another path on another, so both are recorded."""
     from ..version import __version__
 
+    processor = platform.processor() or platform.machine()
     return {
         "reformer": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu": cpuinfo("model name") or platform.processor() or platform.machine(),
+        "processor": processor,
+        "cpu": cpuinfo("model name") or processor,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
